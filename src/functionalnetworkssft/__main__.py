@@ -1,0 +1,3 @@
+from functionalnetworkssft.cli import main
+
+raise SystemExit(main())

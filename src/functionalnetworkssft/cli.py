@@ -1,0 +1,56 @@
+"""The `fnsft` command: a thin layer that parses a subcommand's config and calls the stage that does the work."""
+
+from __future__ import annotations
+
+import sys
+
+from functionalnetworkssft.errors import FnsftError
+
+USAGE = """usage: fnsft {train,merge,push,generate} [--help] ...
+
+  train     fine-tune a causal LM (LoRA, QLoRA or full), optionally merge and upload
+  merge     merge any PEFT LoRA adapter into its base, streaming and verified
+  push      upload final_model/, adapter/ or merged_model/ to the Hugging Face Hub
+  generate  print a model's reply to a prompt (chat template applied)
+"""
+
+
+def _commands():
+    # Imported lazily so that `fnsft --help` and flag errors answer in well under a second.
+    from functionalnetworkssft import generate, merge, training
+
+    commands = {"train": training.main, "merge": merge.main, "generate": generate.main}
+    try:
+        from functionalnetworkssft import hub
+    except ImportError:  # pragma: no cover - hub module arrives with the upload issue
+        pass
+    else:
+        commands["push"] = hub.main
+    return commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    commands = _commands()
+    if name not in commands:
+        print(f"fnsft: error: unknown command '{name}'; choose one of {', '.join(commands)}.", file=sys.stderr)
+        return 2
+    return run_guarded(commands[name], rest, prog=f"fnsft {name}")
+
+
+def run_guarded(command, argv: list[str], prog: str) -> int:
+    """Run a subcommand; errors a user can cause become one line on stderr with exit status 2 or 1."""
+    try:
+        command(argv, prog=prog)
+    except FnsftError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"{prog}: error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; outputs written so far are kept.", file=sys.stderr)
+        return 130
+    return 0
