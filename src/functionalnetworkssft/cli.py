@@ -42,8 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(commands[name], rest, prog=f"fnsft {name}")
 
 
+def setup_logging() -> None:
+    import logging
+    import warnings
+
+    # Deprecation notices inside transformers/PEFT/TRL are for their maintainers, not for someone training a model.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    # bitsandbytes tries to fetch an optional CPU kernel from the Hub at import and warns when it cannot.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    ours = logging.getLogger("functionalnetworkssft")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
 def run_guarded(command, argv: list[str], prog: str) -> int:
     """Run a subcommand; errors a user can cause become one line on stderr with exit status 2 or 1."""
+    setup_logging()
     try:
         command(argv, prog=prog)
     except FnsftError as exc:

@@ -97,6 +97,8 @@ class TrainConfig:
     learning_rate: float | None = arg("Peak learning rate. Default: 2e-4 with --use_peft, 2e-5 for full fine-tuning.",
                                       default=None)
     warmup_ratio: float = arg("Fraction of the steps spent warming the learning rate up.", default=0.03)
+    gradient_checkpointing: bool = arg(
+        "Recompute activations in the backward pass: less memory, about a third more compute.", default=False)
     seed: int = arg("Random seed for initialisation, shuffling and the validation split.", default=42)
 
     # Logging, evaluation, checkpoints

