@@ -1,0 +1,158 @@
+"""Flag rules, config files and bad data: one line per problem, the right exit status, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from functionalnetworkssft.cli import main
+
+MISSING_MODEL = "./no-such-model-folder"
+
+
+def run(capsys, *args: str) -> tuple[int, list[str]]:
+    code = main(["train", *args])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("fnsft train: error:")]
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "completion": "hello"}] * 4)
+
+
+def base_args(data: Path, out: Path) -> list[str]:
+    # The model does not exist: a rule violation must be reported without ever trying to load it.
+    return ["--model_name_or_path", MISSING_MODEL, "--dataset_name_or_path", str(data), "--output_dir", str(out)]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--merge_adapter_with_base"], "--merge_adapter_with_base needs --use_peft"),
+    (["--use_peft", "--upload_merged_model"], "--upload_merged_model needs both --push_to_hub and "
+                                              "--merge_adapter_with_base"),
+    (["--use_peft", "--push_to_hub"], "--push_to_hub needs --hub_repo_id"),
+    (["--use_peft", "--use_4bit", "--use_8bit"], "--use_4bit and --use_8bit exclude each other"),
+    (["--use_4bit"], "--use_4bit (quantized training) needs --use_peft"),
+    (["--use_8bit"], "--use_8bit (quantized training) needs --use_peft"),
+    (["--validation_split", "1.5"], "--validation_split must be in [0, 1)"),
+    (["--resume_from_checkpoint", "latest"], "no checkpoint-N folder"),
+])
+def test_each_flag_rule_exits_2_naming_the_flag_and_writes_nothing(capsys, tmp_path, data, flags, needle):
+    out = tmp_path / "out"
+    code, lines = run(capsys, *base_args(data, out), *flags)
+    assert code == 2
+    assert any(needle in line for line in lines), lines
+    assert not out.exists()
+
+
+def test_all_problems_are_reported_together(capsys, tmp_path, data):
+    out = tmp_path / "out"
+    code, lines = run(capsys, *base_args(data, out), "--merge_adapter_with_base", "--push_to_hub", "--use_4bit",
+                      "--use_8bit", "--lora_r", "0")
+    assert code == 2
+    joined = "\n".join(lines)
+    for needle in ("--merge_adapter_with_base", "--push_to_hub needs --hub_repo_id", "exclude each other",
+                   "needs --use_peft: quantized", "--lora_r must be positive"):
+        assert needle in joined
+    assert len(lines) >= 5
+
+
+def test_an_earlier_run_in_output_dir_is_protected(capsys, tmp_path, data):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "trainer_state.json").write_text("{}")
+    code, lines = run(capsys, *base_args(data, out), "--use_peft")
+    assert code == 2
+    assert "--overwrite_output_dir" in lines[0] and "--resume_from_checkpoint latest" in lines[0]
+    assert [p.name for p in out.iterdir()] == ["trainer_state.json"]
+
+
+def test_unknown_flag_and_bad_value_are_one_line_usage_errors(capsys, tmp_path, data):
+    code, lines = run(capsys, *base_args(data, tmp_path / "o"), "--lora_rank", "8")
+    assert code == 2 and "--lora_rank" in lines[0]
+    code, lines = run(capsys, *base_args(data, tmp_path / "o"), "--learning_rate", "fast")
+    assert code == 2 and "--learning_rate" in lines[0]
+    code, lines = run(capsys, *base_args(data, tmp_path / "o"), "--torch_dtype", "float8")
+    assert code == 2 and "--torch_dtype" in lines[0]
+
+
+def test_config_file_keys_are_flags_and_the_command_line_wins(tmp_path, data):
+    from functionalnetworkssft.config import TrainConfig, parse
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: m\ndataset_name_or_path: {data}\noutput_dir: o\nuse_peft: true\n"
+                      "learning_rate: 2e-4\nlora_r: 4\nlora_target_modules: [q_proj, v_proj]\n")
+    cfg = parse(TrainConfig, ["--config", str(config), "--lora_r", "32"], "fnsft train")
+    assert cfg.use_peft is True
+    assert cfg.learning_rate == 2e-4  # YAML reads "2e-4" as a string; it must still become a float
+    assert cfg.lora_r == 32
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_config_keys_are_all_listed_with_suggestions(capsys, tmp_path, data):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: m\nlearning_rat: 1e-4\nlora_rank: 8\n")
+    code = main(["train", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown key 'learning_rat'; did you mean 'learning_rate'?" in err
+    assert "unknown key 'lora_rank'" in err
+
+
+def test_saved_run_config_masks_the_hub_token():
+    from functionalnetworkssft.config import TrainConfig
+
+    cfg = TrainConfig(model_name_or_path="m", dataset_name_or_path="d", output_dir="o", hub_token="hf_secret")
+    assert "hf_secret" not in json.dumps(cfg.to_yaml_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad data: exit 1, one line, checked before the model is loaded.
+
+
+def data_error(capsys, tmp_path, dataset: Path | str, model: str = MISSING_MODEL) -> tuple[int, list[str]]:
+    return run(capsys, "--model_name_or_path", model, "--dataset_name_or_path", str(dataset), "--output_dir",
+               str(tmp_path / "out"))
+
+
+def test_malformed_json_line_names_file_and_line(capsys, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": broken}\n')
+    code, lines = data_error(capsys, tmp_path, path)
+    assert code == 1
+    assert lines == [f"fnsft train: error: {path}: line 3: invalid JSON (Expecting value)."]
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_dataset_says_so(capsys, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    code, lines = data_error(capsys, tmp_path, path)
+    assert code == 1 and "empty" in lines[0]
+
+
+def test_unknown_columns_are_listed_with_supported_formats(capsys, tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1, "bar": 2}])
+    code, lines = data_error(capsys, tmp_path, path)
+    assert code == 1
+    assert "['bar', 'foo']" in lines[0] and "messages" in lines[0] and "Alpaca" in lines[0]
+
+
+def test_missing_dataset_file_names_the_path(capsys, tmp_path):
+    code, lines = data_error(capsys, tmp_path, tmp_path / "nope.json")
+    assert code == 1 and "nope.json: no such file" in lines[0]
+
+
+def test_missing_model_names_the_path_after_the_data_is_checked(capsys, tmp_path, data):
+    code, lines = data_error(capsys, tmp_path, data)
+    assert code == 1 and MISSING_MODEL in lines[0] and "no such model" in lines[0]
+
+
+def test_malformed_record_names_its_index(capsys, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "a"}]},
+                                                 {"messages": [{"content": "no role"}]}])
+    code, lines = data_error(capsys, tmp_path, path)
+    assert code == 1 and "example 1" in lines[0]
