@@ -125,3 +125,14 @@ def conversations_json(tmp_path) -> Path:
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps([{"messages": m} for m in CONVERSATIONS]), encoding="utf-8")
     return path
+
+
+# The test Hub server (tests/hub_server.py): `hub_server` yields a running Hub-compatible server that this process's
+# huggingface_hub is pointed at; `hub_server.env(token=...)` gives a subprocess the same.
+from hub_server import hub_server  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied(tmp_path_factory) -> Path:
+    """Llama architecture, float32, tied input/output embeddings (the checkpoint stores no lm_head.weight)."""
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama-tied", "llama", chat=True, tie=True)

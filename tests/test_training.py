@@ -150,3 +150,19 @@ def test_overwrite_output_dir_replaces_only_run_outputs(tiny_gpt2, tmp_path):
     assert train(*args, "--max_steps", "1", "--overwrite_output_dir") == 0
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize("flag, quantization", [("--use_4bit", "4bit"), ("--use_8bit", "8bit")])
+def test_quantized_lora_trains_records_its_layers_and_merges_into_full_precision(tiny_llama, tmp_path, flag,
+                                                                                 quantization):
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    out = tmp_path / "out"
+    assert train("--model_name_or_path", str(tiny_llama), "--dataset_name_or_path", str(data), "--output_dir",
+                 str(out), "--use_peft", flag, "--max_steps", "2", "--validation_split", "0",
+                 "--merge_adapter_with_base") == 0
+    record = json.loads((out / "final_model" / "fnsft_training.json").read_text())
+    assert record["quantization"] == quantization
+    assert "model.layers.0.mlp.down_proj" in record["quantized_modules"]
+    assert not any("embed" in name or "lm_head" in name for name in record["quantized_modules"])
+    config = json.loads((out / "merged_model" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"

@@ -17,16 +17,9 @@ USAGE = """usage: fnsft {train,merge,push,generate} [--help] ...
 
 def _commands():
     # Imported lazily so that `fnsft --help` and flag errors answer in well under a second.
-    from functionalnetworkssft import generate, merge, training
+    from functionalnetworkssft import generate, hub, merge, training
 
-    commands = {"train": training.main, "merge": merge.main, "generate": generate.main}
-    try:
-        from functionalnetworkssft import hub
-    except ImportError:  # pragma: no cover - hub module arrives with the upload issue
-        pass
-    else:
-        commands["push"] = hub.main
-    return commands
+    return {"train": training.main, "merge": merge.main, "push": hub.main, "generate": generate.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,6 +129,12 @@ class TrainConfig:
         default=False,
     )
     hub_repo_id: str | None = arg("Hub repository to upload to, as user-or-org/name.", default=None)
+    hub_private: bool = arg("Create the Hub repo private (--no_hub_private: public). An existing repo's visibility is "
+                            "never changed.", default=True)
+    hub_commit_message: str | None = arg("Commit message of the upload; 'Upload <kind> with fnsft' when not given.",
+                                         default=None)
+    hub_revision: str | None = arg("Branch to upload to, created from main if missing; main when not given.",
+                                   default=None)
     hub_token: str | None = arg("Hub token; HF_TOKEN in the environment takes precedence. Never written to disk.",
                                 default=None)
 

@@ -55,7 +55,7 @@ def resolve(name_or_path: str, flag: str = "--model_name_or_path") -> ModelSourc
         if not (path / "config.json").is_file():
             raise FnsftError(f"{flag} {given}: the folder has no config.json; give a model folder saved with "
                              "save_pretrained, a .gguf file, or a Hub id.")
-        return ModelSource(given, str(path))
+        return ModelSource(given, str(path.resolve()))
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FnsftError(f"{flag} {given}: no such model folder or file.")
     return ModelSource(given, name_or_path)

@@ -1,6 +1,6 @@
 """`fnsft train`: the whole run, top to bottom.
 
-check flags -> (check Hub) -> read data -> load tokenizer, tokenize -> load model -> train -> save final_model/
+check flags -> check Hub access -> read data -> load tokenizer, tokenize -> load model -> train -> save final_model/
 and adapter/ -> merge -> upload. Everything that can be rejected is rejected before the model is loaded.
 """
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft import __version__, data, modeling
+from functionalnetworkssft import __version__, data, hub, modeling
 from functionalnetworkssft.config import RUN_OUTPUTS, TrainConfig, latest_checkpoint, parse
 from functionalnetworkssft.errors import FnsftError, UsageError
 
@@ -29,6 +29,10 @@ def run(cfg: TrainConfig) -> Path:
     if problems:
         raise UsageError(problems)
     out = Path(cfg.output_dir)
+    if cfg.push_to_hub:
+        # A missing or read-only token must fail now, not after hours of training.
+        hub_token = hub.resolve_token(cfg.hub_token)
+        hub.preflight(cfg.hub_repo_id, hub_token, private=cfg.hub_private, revision=cfg.hub_revision)
 
     raw = data.load(cfg.dataset_name_or_path, cfg.dataset_config_name, cfg.validation_split, cfg.seed)
     source = modeling.resolve(cfg.model_name_or_path)
@@ -70,6 +74,11 @@ def run(cfg: TrainConfig) -> Path:
     gc.collect()
     if cfg.merge_adapter_with_base:
         _merge(cfg, source, final_dir, out / "merged_model")
+    if cfg.push_to_hub:
+        upload = out / "merged_model" if cfg.upload_merged_model else final_dir
+        url = hub.push_folder(upload, cfg.hub_repo_id, token=hub_token, private=cfg.hub_private,
+                              revision=cfg.hub_revision, commit_message=cfg.hub_commit_message)
+        print(f"Uploaded {upload} to {url}")
     return out
 
 

@@ -1,0 +1,142 @@
+"""Benchmark `fnsft merge` against PEFT merge_and_unload + save_pretrained on random Llama-style bf16 bases.
+
+    python benchmarks/merge_bench.py --json benchmarks/merge_bench.json
+
+For each size (about 0.5 GB and 2 GB of bf16 weights, sharded at 500 MB) it builds a random base and a random LoRA
+adapter (r=16, all linear layers, non-zero B), then times, each in its own process: copying the base's files (the
+physical floor), `fnsft merge --verify off`, PEFT's merge, and `fnsft merge --verify on` (to show what verification
+adds). Peak RSS is the kernel's own figure for each child (wait4 rusage ru_maxrss). Files are read once before
+timing, so all runs see a warm page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIZES = {  # name: (hidden, intermediate, layers), vocab 32000, untied embeddings
+    "0.5GB": (1024, 2816, 16),
+    "2GB": (2048, 5632, 18),
+}
+
+PEFT_SCRIPT = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+merged.save_pretrained(out)
+"""
+
+
+def build(folder: Path, hidden: int, intermediate: int, layers: int) -> tuple[Path, Path, float]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base, adapter = folder / "base", folder / "adapter"
+    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=8,
+                         tie_word_embeddings=False, dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    # Random weights without the slow per-module init: normal values scaled like a trained model's.
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    model.save_pretrained(base, max_shard_size="500MB")
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.02)
+    peft_model.save_pretrained(adapter)
+    return base, adapter, weights_gb
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one child process, as the kernel accounts it."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"{command[:4]} failed:\n{child.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def copy_floor(base: Path, target: Path) -> float:
+    started = time.perf_counter()
+    shutil.copytree(base, target)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--no-verify-run", action="store_true", help="skip the extra fnsft run with --verify on")
+    parser.add_argument("--workdir", help="keep models here instead of a temporary folder")
+    args = parser.parse_args()
+
+    runs = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for size in args.sizes:
+            folder = Path(tmp) / size
+            base, adapter, weights_gb = build(folder, *SIZES[size])
+            run = {"size": size, "weights_gb": round(weights_gb, 3)}
+            copy_floor(base, folder / "warm")  # warm the page cache, so every timed run reads from memory
+            shutil.rmtree(folder / "warm")
+            run["copy_seconds"] = round(copy_floor(base, folder / "copy"), 2)
+            shutil.rmtree(folder / "copy")
+            fnsft = [sys.executable, "-m", "functionalnetworkssft", "merge", "--adapter_path", str(adapter),
+                     "--base_model_name_or_path", str(base), "--output_dir", str(folder / "fnsft")]
+            seconds, rss = timed(fnsft + ["--verify", "off"])
+            run.update(fnsft_seconds=round(seconds, 2), fnsft_peak_rss_mb=round(rss))
+            shutil.rmtree(folder / "fnsft")
+            seconds, rss = timed([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(folder / "peft")])
+            run.update(peft_seconds=round(seconds, 2), peft_peak_rss_mb=round(rss))
+            shutil.rmtree(folder / "peft")
+            if not args.no_verify_run:
+                seconds, rss = timed(fnsft + ["--verify", "on"])
+                report = json.loads((folder / "fnsft" / "merge_report.json").read_text())
+                run.update(fnsft_verified_seconds=round(seconds, 2), fnsft_verified_peak_rss_mb=round(rss),
+                           verification=report["verification"])
+                shutil.rmtree(folder / "fnsft")
+            shutil.rmtree(folder)
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+
+    result = {"verification_in_timed_runs": False, "cpu_count": os.cpu_count(), "runs": runs}
+    large = runs[-1]
+    result["time_ratio"] = round(large["fnsft_seconds"] / large["peft_seconds"], 3)
+    result["rss_ratio"] = round(large["fnsft_peak_rss_mb"] / large["peft_peak_rss_mb"], 3)
+    if len(runs) > 1:
+        result["fnsft_rss_growth"] = round(large["fnsft_peak_rss_mb"] / runs[0]["fnsft_peak_rss_mb"], 3)
+    print(f"\n| size | weights GB | copy s | fnsft s | PEFT s | fnsft peak MB | PEFT peak MB | fnsft+verify s | "
+          "fnsft+verify peak MB |\n|---|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        print(f"| {run['size']} | {run['weights_gb']} | {run['copy_seconds']} | {run['fnsft_seconds']} | "
+              f"{run['peft_seconds']} | {run['fnsft_peak_rss_mb']} | {run['peft_peak_rss_mb']} | "
+              f"{run.get('fnsft_verified_seconds', '-')} | {run.get('fnsft_verified_peak_rss_mb', '-')} |")
+    print(f"\ntime_ratio {result['time_ratio']}  rss_ratio {result['rss_ratio']}  "
+          f"fnsft_rss_growth {result.get('fnsft_rss_growth', '-')}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Out-of-core tensor I/O for the merge: read base weights a row block at a time, write safetensors shards as a stream.
+
+Nothing here holds more than one row block (or, for the rare whole-tensor step, one tensor) in memory. Untouched
+safetensors tensors are copied byte for byte in the kernel (`copy_file_range`), so they are neither upcast nor
+even brought into this process's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from functionalnetworkssft.errors import MergeError, UsageError
+
+ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+
+# A row block is sized so that its float32 working copies stay small whatever the tensor's size.
+BLOCK_ELEMENTS = 1 << 22
+COPY_CHUNK = 64 << 20
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 bytes (GB = 10^9, GiB = 2^30), as transformers reads max_shard_size."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise UsageError(f"--max_shard_size {text!r}: expected a size such as 5GB, 500MB or 2GiB.")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(number * scale)
+    if size <= 0:
+        raise UsageError(f"--max_shard_size {text!r} must be positive.")
+    return size
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_elements(self) -> int:
+        return self.numel // self.rows if self.rows else 0
+
+
+class SafetensorsShard:
+    """One .safetensors file read through its header: tensors come out a row block at a time, or are byte-copied."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_len))
+        except (OSError, struct.error, ValueError) as exc:
+            raise MergeError(f"{path}: not a readable safetensors file ({exc}); re-download the base model.") from None
+        self.data_start = 8 + header_len
+        header.pop("__metadata__", None)
+        self.infos: dict[str, TensorInfo] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if entry["dtype"] not in ST_TO_TORCH:
+                raise MergeError(f"{path}: tensor {name} has dtype {entry['dtype']}, which the merge cannot read.")
+            self.infos[name] = TensorInfo(name, ST_TO_TORCH[entry["dtype"]], tuple(entry["shape"]))
+            self.offsets[name] = (self.data_start + entry["data_offsets"][0], self.data_start + entry["data_offsets"][1])
+        self._fd: int | None = None
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        info = self.infos[name]
+        row_bytes = info.row_elements * element_size(info.dtype)
+        begin = self.offsets[name][0] + start * row_bytes
+        buffer = bytearray((stop - start) * row_bytes)
+        if buffer:
+            view, done = memoryview(buffer), 0
+            while done < len(buffer):
+                got = os.preadv(self._descriptor(), [view[done:]], begin + done)
+                if got <= 0:
+                    raise MergeError(f"{self.path}: file ends inside tensor {name}; the shard is truncated.")
+                done += got
+        flat = torch.frombuffer(buffer, dtype=info.dtype) if buffer else torch.empty(0, dtype=info.dtype)
+        return flat.reshape((stop - start, *info.shape[1:]) if info.shape else ())
+
+    def copy_raw(self, name: str, out_fd: int) -> None:
+        """Append the tensor's bytes to out_fd, in the kernel where it can, else through a bounded buffer."""
+        begin, end = self.offsets[name]
+        src = self._descriptor()
+        offset = begin
+        while offset < end:
+            try:
+                sent = os.copy_file_range(src, out_fd, min(end - offset, 1 << 30), offset)
+            except OSError:
+                sent = 0
+            if sent <= 0:
+                break
+            offset += sent
+        while offset < end:
+            chunk = os.pread(src, min(end - offset, COPY_CHUNK), offset)
+            if not chunk:
+                raise MergeError(f"{self.path}: file ends inside tensor {name}; the shard is truncated.")
+            os.write(out_fd, chunk)
+            offset += len(chunk)
+
+
+class TorchBinShard:
+    """A pytorch_model*.bin file, opened with weights_only=True (no code runs) and memory-mapped where possible."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                # Files in the pre-1.6 (non-zip) format cannot be memory-mapped; they are loaded whole.
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError and friends: never fall back to an unsafe load
+            raise MergeError(
+                f"{path}: refused to load: it is not a plain tensor file that torch.load(weights_only=True) accepts "
+                f"({type(exc).__name__}). Convert the base model to safetensors and merge again."
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise MergeError(f"{path}: expected a dict of tensors; convert the base model to safetensors.")
+        self.tensors: dict[str, torch.Tensor] = state
+        self.infos = {n: TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in state.items()}
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        tensor = self.tensors[name]
+        return tensor[start:stop].clone() if tensor.dim() else tensor.clone()
+
+    def close(self) -> None:
+        self.tensors = {}
+
+
+class BaseWeights:
+    """Name -> shard for a model folder's weights, read lazily."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.shards: list[SafetensorsShard | TorchBinShard] = []
+        self.where: dict[str, SafetensorsShard | TorchBinShard] = {}
+        files = self._weight_files(folder)
+        for path in files:
+            shard = SafetensorsShard(path) if path.suffix == ".safetensors" else TorchBinShard(path)
+            self.shards.append(shard)
+            for name in shard.infos:
+                self.where[name] = shard
+        self.files = files
+
+    @staticmethod
+    def _weight_files(folder: Path) -> list[Path]:
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index = folder / index_name
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+                missing = [n for n in names if not (folder / n).is_file()]
+                if missing:
+                    raise MergeError(f"{index}: shard {missing[0]} is missing; re-download the base model.")
+                return [folder / n for n in names]
+            if (folder / single).is_file():
+                return [folder / single]
+        loose = sorted(folder.glob("*.safetensors"))
+        if loose:
+            return loose
+        raise MergeError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model.bin found; "
+                         "point --base_model_name_or_path at a transformers model folder.")
+
+    def info(self, name: str) -> TensorInfo:
+        return self.where[name].infos[name]
+
+    def names(self) -> Iterator[str]:
+        for shard in self.shards:
+            yield from shard.infos
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.where[name].read_rows(name, start, stop)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.read_rows(name, 0, self.info(name).rows)
+
+    def raw_copyable(self, name: str) -> bool:
+        return isinstance(self.where[name], SafetensorsShard)
+
+    def copy_raw(self, name: str, out_fd: int) -> None:
+        shard = self.where[name]
+        assert isinstance(shard, SafetensorsShard)
+        shard.copy_raw(name, out_fd)
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+
+def row_blocks(info: TensorInfo, budget: int = BLOCK_ELEMENTS) -> Iterator[tuple[int, int]]:
+    step = max(1, budget // max(1, info.row_elements))
+    for start in range(0, info.rows, step):
+        yield start, min(info.rows, start + step)
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor of the output: its final name, dtype and shape, and how to produce its bytes."""
+
+    info: TensorInfo
+    # Either writes the bytes itself through the fd (raw copy), or yields row blocks already in info.dtype.
+    produce: Callable[[int], None] | Callable[[], Iterator[torch.Tensor]]
+    raw: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.numel * element_size(self.info.dtype)
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards if shards[0] else []
+
+
+def _header(tensors: list[PlannedTensor]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        header[tensor.info.name] = {"dtype": TORCH_TO_ST[tensor.info.dtype], "shape": list(tensor.info.shape),
+                                    "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    # safetensors asks for the data to start 8-byte aligned; the spec pads the header with spaces.
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def write_shards(folder: Path, shards: list[list[PlannedTensor]], progress=None) -> dict:
+    """Write each shard as header + streamed tensor bytes, then the index; returns the index dict."""
+    count = len(shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for number, tensors in enumerate(shards, start=1):
+        filename = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        fd = os.open(folder / filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, _header(tensors))
+            for tensor in tensors:
+                if tensor.raw:
+                    tensor.produce(fd)  # type: ignore[call-arg]
+                else:
+                    written = 0
+                    for block in tensor.produce():  # type: ignore[call-arg]
+                        if block.dtype != tensor.info.dtype:
+                            raise AssertionError(f"{tensor.info.name}: block dtype {block.dtype}")
+                        raw = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+                        _write_all(fd, raw)
+                        written += raw.nbytes
+                    if written != tensor.nbytes:
+                        raise AssertionError(f"{tensor.info.name}: wrote {written} of {tensor.nbytes} bytes")
+                weight_map[tensor.info.name] = filename
+                total += tensor.nbytes
+                if progress is not None:
+                    progress.update(1)
+        finally:
+            os.close(fd)
+        if progress is not None:
+            progress.set_postfix_str(f"shard {number}/{count}")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    if count > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index

@@ -1,0 +1,415 @@
+"""The streaming merge engine: exact parity with PEFT for every LoRA variant, a complete and safe output folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from functionalnetworkssft.errors import MergeError, UsageError
+from functionalnetworkssft.merge import merge_adapter
+
+warnings.filterwarnings("ignore")
+
+
+def make_adapter(base: Path, out: Path, *, seed: int = 1, resize: int | None = None, tokenizer_from: Path | None = None,
+                 **lora) -> Path:
+    """A PEFT adapter with random, non-zero weights everywhere (B, magnitudes, biases, token rows)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    if resize:
+        model.resize_token_embeddings(resize, mean_resizing=False)
+    peft_model = get_peft_model(model, LoraConfig(**lora))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    peft_model.save_pretrained(out)
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(out)
+    return out
+
+
+def peft_model(base: Path, adapter: Path, dtype=torch.float32):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    embed = [t for k, t in saved.items() if k.endswith(("embed_tokens.weight", "wte.weight"))]
+    if embed and embed[0].shape[0] != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(embed[0].shape[0], mean_resizing=False)
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def merged_state(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+def logits(model, ids=tuple(range(3, 40))) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float()
+
+
+def load_merged(folder: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+VARIANTS = {
+    "lora": ("tiny_llama", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "rslora": ("tiny_llama", dict(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear")),
+    "dora": ("tiny_llama", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj", "up_proj"])),
+    "rank_alpha_pattern": ("tiny_llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "gate_proj"],
+                                              rank_pattern={"k_proj": 2, "layers.1.self_attn.q_proj": 6},
+                                              alpha_pattern={"gate_proj": 3})),
+    "layers_to_transform": ("tiny_llama", dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                               layers_to_transform=[1], layers_pattern="layers")),
+    "embedding_lora": ("tiny_llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "embedding_dora": ("tiny_llama", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens"])),
+    "modules_to_save": ("tiny_llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                           modules_to_save=["lm_head", "embed_tokens"])),
+    "trainable_tokens": ("tiny_llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                            trainable_token_indices=[1, 2, 7])),
+    "gpt2_conv1d_fan_in_fan_out": ("tiny_gpt2", dict(r=4, lora_alpha=8, fan_in_fan_out=True,
+                                                     target_modules=["c_attn", "c_proj", "c_fc"])),
+    "gpt2_lora_bias": ("tiny_gpt2", dict(r=4, lora_alpha=8, fan_in_fan_out=True, lora_bias=True,
+                                         target_modules=["c_attn", "c_fc"])),
+    "gpt2_dora": ("tiny_gpt2", dict(r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True,
+                                    target_modules=["c_attn"])),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_lora_variant_matches_peft_merge_and_unload(variant, request, tmp_path):
+    fixture, lora = VARIANTS[variant]
+    base = request.getfixturevalue(fixture)
+    adapter = make_adapter(base, tmp_path / "adapter", **lora)
+    report = merge_adapter(adapter, tmp_path / "merged", base_model=str(base), verify="off")
+
+    reference = peft_model(base, adapter)
+    expected_logits = logits(reference)
+    expected = reference.merge_and_unload().state_dict()
+    got = merged_state(tmp_path / "merged")
+    for name, tensor in got.items():
+        assert tensor.dtype == torch.float32, name
+        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert report.lora_modules > 0 or variant == "trainable_tokens"
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged")), expected_logits, atol=1e-4, rtol=0)
+
+
+def test_resized_vocabulary_updates_embeddings_and_vocab_size(tiny_llama, tmp_path):
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", resize=336, r=4, lora_alpha=8,
+                           target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="off")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    state = merged_state(tmp_path / "merged")
+    assert config["vocab_size"] == 336
+    assert state["model.embed_tokens.weight"].shape == (336, 32) and state["lm_head.weight"].shape == (336, 32)
+    reference = peft_model(tiny_llama, adapter)
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids=range(300, 336)),
+                               logits(reference, ids=range(300, 336)), atol=1e-4, rtol=0)
+
+
+def test_bf16_base_stays_bf16_within_one_rounding(tiny_llama_bf16, tmp_path):
+    adapter = make_adapter(tiny_llama_bf16, tmp_path / "adapter", r=4, lora_alpha=8, use_dora=True,
+                           target_modules=["q_proj", "v_proj", "down_proj"])
+    report = merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama_bf16), verify="on")
+    got = merged_state(tmp_path / "merged")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in got  # still tied: the adapter did not touch the embeddings
+    # Exact arithmetic is float32 on the bf16 values, rounded once; PEFT rounds each intermediate step to bf16.
+    exact = peft_model(tiny_llama_bf16, adapter, dtype=torch.float32).merge_and_unload().state_dict()
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor.float(), exact[name].to(torch.bfloat16).float(), atol=0, rtol=2 ** -8)
+    peft_bf16 = peft_model(tiny_llama_bf16, adapter, dtype=torch.bfloat16).merge_and_unload().state_dict()
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor.float(), peft_bf16[name].float(), atol=1e-3, rtol=2 ** -6)
+    assert report.verified is True and report.verification["output_dtype"] == "bfloat16"
+
+
+def test_lora_on_tied_embedding_unties_and_computes_what_base_plus_adapter_computed(tiny_llama_tied, tmp_path):
+    adapter = make_adapter(tiny_llama_tied, tmp_path / "adapter", r=4, lora_alpha=8,
+                           target_modules=["embed_tokens", "q_proj"])
+    report = merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama_tied), verify="on")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    state = merged_state(tmp_path / "merged")
+    assert config["tie_word_embeddings"] is False
+    assert torch.equal(state["lm_head.weight"], load_file(tiny_llama_tied / "model.safetensors")["model.embed_tokens.weight"])
+    reference = peft_model(tiny_llama_tied, adapter)
+    expected = logits(reference)
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged")), expected, atol=1e-4, rtol=0)
+    # PEFT's own merge adds the delta to the shared tensor and so changes the output head too.
+    assert (logits(reference.merge_and_unload()) - expected).abs().max() > 1e-2
+    assert report.verified is True
+
+
+def test_trainable_tokens_on_tied_embeddings_stay_tied(tiny_llama_tied, tmp_path):
+    adapter = make_adapter(tiny_llama_tied, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"],
+                           trainable_token_indices=[3, 5])
+    merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama_tied), verify="off")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in merged_state(tmp_path / "merged")
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged")), logits(peft_model(tiny_llama_tied, adapter)),
+                               atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory, tiny_llama) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("sharded") / "base"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(folder, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_llama / name, folder / name)
+    assert len(list(folder.glob("model-*.safetensors"))) > 2
+    return folder
+
+
+def test_sharded_base_gives_sharded_output_with_byte_exact_index(sharded_llama, tmp_path):
+    adapter = make_adapter(sharded_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules="all-linear")
+    report = merge_adapter(adapter, tmp_path / "merged", base_model=str(sharded_llama), verify="off",
+                           max_shard_size="60KB")
+    out = tmp_path / "merged"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) == report.shards > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
+    state = merged_state(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert set(index["weight_map"]) == set(state)
+    torch.testing.assert_close(logits(load_merged(out)), logits(peft_model(sharded_llama, adapter)), atol=1e-4, rtol=0)
+
+
+def test_output_folder_is_complete_with_training_tokenizer_and_no_adapter_files(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    from conftest import CHATML
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"],
+                           tokenizer_from=tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    tokenizer.add_tokens(["<|tool|>"])  # a token added in training lives only in the adapter's tokenizer
+    tokenizer.save_pretrained(adapter)
+    (adapter / "fnsft_training.json").write_text(json.dumps({"quantization": None, "quantized_modules": []}))
+    report = merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="on")
+    out = tmp_path / "merged"
+
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "merge_report.json", "tokenizer.json",
+            "tokenizer_config.json"} <= files
+    assert not [f for f in files if f.startswith("adapter") or f == "fnsft_training.json"]
+    merged_tokenizer = AutoTokenizer.from_pretrained(out)
+    assert merged_tokenizer.chat_template == CHATML
+    assert "<|tool|>" in merged_tokenizer.get_vocab()
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+
+    saved = json.loads((out / "merge_report.json").read_text())
+    assert saved["verification"]["status"] == "passed" and saved["verification"]["max_abs_logit_diff"] < 1e-4
+    assert saved["verification"]["top1_agreement"] == 1.0 and saved["verification"]["greedy_equal"] is True
+    assert saved["inputs"]["base_files"]["model.safetensors"] == hashlib.sha256(
+        (tiny_llama / "model.safetensors").read_bytes()).hexdigest()
+    assert saved["tokenizer_from"] == "adapter" and saved["qlora"] is None
+    assert "verification passed" in report.summary()
+
+
+def test_merging_twice_gives_byte_identical_weights(sharded_llama, tmp_path):
+    adapter = make_adapter(sharded_llama, tmp_path / "adapter", r=4, lora_alpha=8, use_dora=True,
+                           target_modules="all-linear")
+    for name in ("one", "two"):
+        merge_adapter(adapter, tmp_path / name, base_model=str(sharded_llama), verify="off", max_shard_size="60KB")
+    first = sorted((tmp_path / "one").glob("*.safetensors"))
+    assert first and [p.read_bytes() for p in first] == [(tmp_path / "two" / p.name).read_bytes() for p in first]
+    assert (tmp_path / "one" / "model.safetensors.index.json").read_bytes() == \
+        (tmp_path / "two" / "model.safetensors.index.json").read_bytes()
+
+
+@pytest.mark.parametrize("peft_type", ["IA3", "VERA", "ADALORA"])
+def test_unsupported_adapter_types_are_refused_by_name(peft_type, tiny_llama, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": peft_type, "base_model_name_or_path": str(tiny_llama)}))
+    with pytest.raises(UsageError, match=f"adapter type {peft_type} is not supported"):
+        merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_adapters_that_rewrote_the_base_are_refused(tiny_llama, tmp_path):
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="init_lora_weights='pissa'"):
+        merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama))
+
+
+def test_adapter_for_another_base_is_refused(tiny_gpt2, tiny_llama, tmp_path):
+    adapter = make_adapter(tiny_gpt2, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn"])
+    with pytest.raises(MergeError, match="base model does not have"):
+        merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="off")
+
+
+def test_pre_quantized_base_is_refused(tiny_llama, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    with pytest.raises(MergeError, match="pre-quantized checkpoint"):
+        merge_adapter(adapter, tmp_path / "merged", base_model=str(base))
+
+
+def test_interrupted_merge_leaves_nothing_that_looks_complete(tiny_llama, tmp_path, monkeypatch):
+    import functionalnetworkssft.merge as merge_module
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    real = merge_module.write_shards
+    seen = {}
+
+    def interrupted(folder, shards, progress=None):
+        seen["folder"] = folder
+        real(folder, shards, progress)
+        assert not (tmp_path / "merged").exists()  # the target appears only by the final rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_module, "write_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="off")
+    assert seen["folder"].parent == tmp_path and seen["folder"].name.startswith(".merged.partial-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+    # A killed run cannot clean up: its hidden partial folder is removed by the next merge into the same target.
+    stale = tmp_path / ".merged.partial-999999"
+    stale.mkdir()
+    monkeypatch.setattr(merge_module, "write_shards", real)
+    merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="off")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
+
+
+def test_bin_only_base_is_read_without_unpickling_code(tiny_llama, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_llama / name, base / name)
+    torch.save(load_file(tiny_llama / "model.safetensors"), base / "pytorch_model.bin")
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    merge_adapter(adapter, tmp_path / "merged", base_model=str(base), verify="off")
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged")), logits(peft_model(tiny_llama, adapter)),
+                               atol=1e-4, rtol=0)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (base / "pytorch_model.bin").write_bytes(pickle.dumps({"model.norm.weight": Exploit()}))
+    with pytest.raises(MergeError, match="refused to load"):
+        merge_adapter(adapter, tmp_path / "merged2", base_model=str(base), verify="off")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_qlora_merges_into_original_or_exactly_the_quantized_layers_round_trip(tiny_llama, tmp_path):
+    import bitsandbytes.functional as bnbf
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    quantized = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    (adapter / "fnsft_training.json").write_text(json.dumps({"quantization": "4bit", "quantized_modules": quantized,
+                                                             "bnb_4bit_use_double_quant": True}))
+    original = merge_adapter(adapter, tmp_path / "original", base_model=str(tiny_llama), verify="off")
+    dequant = merge_adapter(adapter, tmp_path / "dequant", base_model=str(tiny_llama), verify="on",
+                            qlora_merge_base="dequantized")
+    assert original.qlora["merge_base"] == "original" and dequant.qlora["merge_base"] == "dequantized"
+    assert json.loads((tmp_path / "dequant" / "merge_report.json").read_text())["qlora"]["quantized_modules"] == 2
+    assert dequant.verified is True
+
+    base = load_file(tiny_llama / "model.safetensors")
+    plain = peft_model(tiny_llama, adapter).merge_and_unload().state_dict()
+    got_original, got_dequant = merged_state(tmp_path / "original"), merged_state(tmp_path / "dequant")
+    for name in got_original:
+        torch.testing.assert_close(got_original[name], plain[name], atol=1e-5, rtol=1e-5)
+    for name, tensor in got_dequant.items():
+        module = name.removesuffix(".weight")
+        if module in quantized:
+            packed, state = bnbf.quantize_4bit(base[name], blocksize=64, compress_statistics=True, quant_type="nf4")
+            delta = plain[name] - base[name]  # the adapter's delta, as PEFT computes it
+            torch.testing.assert_close(tensor, bnbf.dequantize_4bit(packed, state) + delta, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(tensor, plain[name], atol=1e-4)
+        else:  # embeddings, lm_head, norms and unquantized layers are merged into the original weights
+            torch.testing.assert_close(tensor, plain[name], atol=1e-5, rtol=1e-5)
+
+    (adapter / "fnsft_training.json").unlink()
+    with pytest.raises(UsageError, match="--qlora_merge_base dequantized"):
+        merge_adapter(adapter, tmp_path / "again", base_model=str(tiny_llama), qlora_merge_base="dequantized")
+
+
+def test_fnsft_merge_command_prints_summary_and_reports_errors_in_one_line(tiny_gpt2, tmp_path, capsys):
+    from functionalnetworkssft.cli import main
+
+    adapter = make_adapter(tiny_gpt2, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn"])
+    args = ["merge", "--adapter_path", str(adapter), "--output_dir", str(tmp_path / "merged"), "--verify", "off"]
+    assert main(args) == 0  # the base comes from adapter_config.json
+    assert "merged 2 LoRA modules" in capsys.readouterr().out
+    assert main(args[:-2] + ["--dtype", "int8"]) == 2
+    assert main(["merge", "--adapter_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"fnsft merge: error: --adapter_path {tmp_path / 'nope'}: no such folder."
+    assert main(args[:-2] + ["--dtype", "bfloat16", "--verify", "off"]) == 0  # replaces the earlier merge
+    assert {t.dtype for t in merged_state(tmp_path / "merged").values()} == {torch.bfloat16}
+
+
+MEMORY_PROBE = """
+import json, resource, sys, psutil, torch
+from functionalnetworkssft.merge import merge_adapter
+import transformers, peft, safetensors.torch  # everything the merge imports, loaded before the baseline
+before = psutil.Process().memory_info().rss
+merge_adapter(sys.argv[1], sys.argv[2], base_model=sys.argv[3], verify="off")
+print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def test_memory_stays_near_one_block_not_model_size(tmp_path):
+    """Peak RSS grows by far less than the model's size while merging a base of hundreds of tensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=40,
+                         num_attention_heads=4, num_key_value_heads=4)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    model.save_pretrained(tmp_path / "base", max_shard_size="50MB")
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    tensors = len(list(model.state_dict()))
+    adapter = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                               init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    del model, adapter
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                             str(tmp_path / "base")], capture_output=True, text=True, check=True)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert tensors > 350 and model_bytes > 150e6
+    assert figures["peak"] - figures["before"] < 0.25 * model_bytes, (figures, model_bytes)

@@ -1,0 +1,84 @@
+"""`fnsft train --push_to_hub`, the reference document's upload commands, against the test Hub server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SPEC_UPLOAD = """
+python -m functionalnetworkssft.fnsft_trainer \\
+    --model_name_or_path microsoft/DialoGPT-medium \\
+    --dataset_name_or_path your_dataset \\
+    --output_dir ./output \\
+    --use_peft \\
+    --merge_adapter_with_base \\
+    --push_to_hub \\
+    {extra}--hub_repo_id your-username/your-model \\
+    --num_train_epochs 3
+"""
+
+
+def spec_argv(model: Path, dataset: Path, repo_id: str, merged: bool) -> list[str]:
+    """The document's command with a local model, local data and a repo of the test account."""
+    text = SPEC_UPLOAD.format(extra="--upload_merged_model \\\n    " if merged else "")
+    words = text.replace("\\\n", " ").split()
+    swap = {"microsoft/DialoGPT-medium": str(model), "your_dataset": str(dataset), "your-username/your-model": repo_id}
+    return [sys.executable] + [swap.get(word, word) for word in words[1:]]
+
+
+def run(argv, cwd, env):
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_adapter_is_uploaded_by_default(hub_server, tiny_gpt2, conversations_json, tmp_path):
+    result = run(spec_argv(tiny_gpt2, conversations_json, "alice/chat-adapter", merged=False), tmp_path,
+                 hub_server.env(token=hub_server.token))
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = hub_server.files("alice/chat-adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert not any(name == "model.safetensors" for name in files)
+    assert b"library_name: peft" in files["README.md"]
+    assert hub_server.repo("alice/chat-adapter")["private"] is True
+    assert (tmp_path / "output" / "merged_model").is_dir()
+    assert hub_server.token not in result.stdout + result.stderr
+
+
+def test_merged_model_is_uploaded_with_upload_merged_model_and_loads_back(hub_server, tiny_gpt2, conversations_json,
+                                                                          tmp_path):
+    env = hub_server.env(token=hub_server.token)
+    result = run(spec_argv(tiny_gpt2, conversations_json, "alice/chat-merged", merged=True), tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = hub_server.files("alice/chat-merged")
+    assert "config.json" in files and any(name.endswith(".safetensors") for name in files)
+    assert not any(name.startswith("adapter_") for name in files)
+    assert b"library_name: transformers" in files["README.md"]
+    check = ("import torch, sys\nfrom transformers import AutoModelForCausalLM\n"
+             "remote = AutoModelForCausalLM.from_pretrained('alice/chat-merged')\n"
+             f"local = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'output' / 'merged_model')!r})\n"
+             "ids = torch.arange(10)[None]\n"
+             "print((remote(ids).logits - local(ids).logits).abs().max().item())\n")
+    loaded = run([sys.executable, "-c", check], tmp_path, env)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert float(loaded.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_missing_token_fails_before_data_or_model_are_touched(hub_server, tiny_gpt2, conversations_json, tmp_path):
+    result = run(spec_argv(tiny_gpt2, conversations_json, "alice/x", merged=False), tmp_path,
+                 hub_server.env(token=None))
+    assert result.returncode == 2
+    assert "token" in result.stderr.lower() and "Traceback" not in result.stderr
+    assert not (tmp_path / "output").exists()
+
+
+def test_failed_upload_after_training_keeps_outputs_and_says_how_to_retry(hub_server, tiny_gpt2,
+                                                                          conversations_json, tmp_path):
+    hub_server.fail("commit", times=50, status=500)
+    result = run(spec_argv(tiny_gpt2, conversations_json, "alice/flaky", merged=False), tmp_path,
+                 hub_server.env(token=hub_server.token))
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "intact" in last and "fnsft push --model_dir" in last and "alice/flaky" in last
+    assert (tmp_path / "output" / "final_model" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "output" / "merged_model" / "config.json").is_file()
+    assert len(hub_server.calls("commit")) > 1  # retried before giving up
