@@ -25,6 +25,10 @@ T = TypeVar("T")
 SECRET_FIELDS = ("hub_token",)
 MASK = "***"
 
+# Written beside an adapter or model by `fnsft train` (base, data, method, quantized layers) so that merge,
+# generate and push need no extra flags.
+TRAINING_RECORD = "fnsft_training.json"
+
 # Files and folders a training run writes into output_dir; `--overwrite_output_dir` removes exactly these.
 RUN_OUTPUTS = (
     "final_model",
@@ -46,6 +50,8 @@ def arg(help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class TrainConfig:
+    """Fine-tune a causal language model (LoRA, QLoRA or all weights); optionally merge the adapter and upload."""
+
     # Model
     model_name_or_path: str = arg(
         "Base model: a Hub id, a local folder, a .gguf file, or pkg:PACKAGE/FILE for a model file shipped inside an "
@@ -224,6 +230,29 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """One spelling per flag, a short metavar, and the default only where it tells the reader something."""
+
+    METAVARS = {int: "N", float: "X"}
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        if action.nargs == 0 or (action.nargs == "?" and action.const is True):
+            return flag
+        metavar = self.METAVARS.get(action.type, "VALUE") if action.metavar is None else action.metavar
+        return f"{flag} {metavar} ..." if action.nargs == "+" else f"{flag} {metavar}"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required:
+            return f"{text} (required)"
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.nargs != 0:
+            return f"{text} (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line naming it, exit status 2, no usage dump."""
 
@@ -237,13 +266,15 @@ def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
     # HfArgumentParser turns typed fields into flags (bools accept `--flag` alone, Literals become choices);
     # it is reused as a builder so that our parser keeps one-line errors.
     builder = HfArgumentParser(cls)
-    parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip() or None,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=prog, usage="%(prog)s [--config FILE.yaml] [--flag VALUE ...]",
+                     description=(cls.__doc__ or "").strip() or None, formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="YAML file whose keys are flag names; flags on the command line override it.")
     for action in builder._actions:
-        if action.dest in ("help",):
+        if action.dest == "help":
             continue
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"Turn off {action.option_strings[0].replace('--no_', '--')}."
         parser._add_action(action)
     return parser
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote
 
-from functionalnetworkssft.config import arg, parse
+from functionalnetworkssft.config import TRAINING_RECORD, arg, parse
 from functionalnetworkssft.errors import FnsftError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ RETRY_BASE_DELAY_S = 2.0
 RETRY_BASE_DELAY_ENV = "FNSFT_HUB_RETRY_BASE_DELAY"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
-TRAINING_RECORD = "fnsft_training.json"
 MERGE_REPORT = "merge_report.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Files that decide what `from_pretrained` loads. A stale one left in the repo from an earlier upload (an adapter

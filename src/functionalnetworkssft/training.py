@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from functionalnetworkssft import __version__, data, hub, modeling
-from functionalnetworkssft.config import RUN_OUTPUTS, TrainConfig, latest_checkpoint, parse
+from functionalnetworkssft.config import RUN_OUTPUTS, TRAINING_RECORD, TrainConfig, latest_checkpoint, parse
 from functionalnetworkssft.errors import FnsftError, UsageError
-
-TRAINING_RECORD = "fnsft_training.json"
 
 
 def main(argv: list[str] | None, prog: str = "fnsft train") -> None:

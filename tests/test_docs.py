@@ -1,0 +1,42 @@
+"""The README and the shipped example config stay true to the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from functionalnetworkssft.config import TrainConfig, build_parser, parse
+from functionalnetworkssft.generate import GenerateConfig
+from functionalnetworkssft.hub import PushConfig
+from functionalnetworkssft.merge import MergeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# Flags of tools other than fnsft that the README quotes (pip's index URL).
+FOREIGN_FLAGS = {"--index-url"}
+
+
+def known_flags() -> set[str]:
+    flags = {"--help"}
+    for cls in (TrainConfig, MergeConfig, PushConfig, GenerateConfig):
+        for action in build_parser(cls, "fnsft")._actions:
+            flags.update(action.option_strings)
+    return flags
+
+
+def test_every_flag_the_readme_mentions_exists():
+    text = (ROOT / "README.md").read_text()
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*(?:-[a-z0-9]+)*", text)) - FOREIGN_FLAGS
+    assert mentioned, "the README mentions no flags?"
+    assert sorted(mentioned - known_flags()) == []
+
+
+def test_readme_setup_is_the_two_make_commands():
+    text = (ROOT / "README.md").read_text()
+    setup = text.split("## Set-up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert [line.split("#")[0].strip() for line in setup.strip().splitlines()] == ["make quickstart", "make test"]
+
+
+def test_quickstart_config_is_a_valid_train_config():
+    cfg = parse(TrainConfig, ["--config", str(ROOT / "examples" / "quickstart.yaml")], "fnsft train")
+    assert cfg.use_peft and cfg.merge_adapter_with_base and cfg.sample_prompts
+    assert (ROOT / cfg.dataset_name_or_path).is_file()
