@@ -156,3 +156,11 @@ def test_malformed_record_names_its_index(capsys, tmp_path):
                                                  {"messages": [{"content": "no role"}]}])
     code, lines = data_error(capsys, tmp_path, path)
     assert code == 1 and "example 1" in lines[0]
+
+
+def test_a_tracker_that_is_not_installed_is_a_usage_error(capsys, tmp_path, data):
+    import importlib.util
+
+    assert importlib.util.find_spec("wandb") is None  # the test environment does not ship it
+    code, lines = run(capsys, *base_args(data, tmp_path / "o"), "--report_to", "wandb")
+    assert code == 2 and "pip install wandb" in lines[0]

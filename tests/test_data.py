@@ -145,3 +145,20 @@ def test_examples_with_nothing_to_train_within_max_length_are_dropped(chat_tok, 
     train, _ = data.tokenize(raw, chat_tok, max_length=64, train_on_prompt=False)
     assert len(train) == 1
     assert all(len(ids) <= 64 for ids in train["input_ids"])
+
+
+def test_a_folder_of_data_files_takes_its_splits_from_the_file_names(tmp_path):
+    folder = tmp_path / "cloned-dataset-repo"
+    write_jsonl(folder / "train.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(6)])
+    write_jsonl(folder / "validation.jsonl", [{"prompt": "held", "completion": "out"}])
+    raw = data.load(str(folder), None, validation_split=0.5, seed=0)
+    assert len(raw.train) == 6 and len(raw.validation) == 1
+    assert raw.validation[0]["messages"][0]["content"] == "held"
+
+
+def test_an_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
+    from functionalnetworkssft.errors import DataError
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="^someone/some-dataset: could not be read: "):
+        data.load("someone/some-dataset", "default", validation_split=0, seed=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import re
 import sys
 from dataclasses import dataclass, field
@@ -182,6 +183,9 @@ class TrainConfig:
         if unknown_trackers:
             found.append(f"--report_to: unknown tracker(s) {', '.join(sorted(unknown_trackers))}; "
                          "use none, tensorboard or wandb.")
+        for tracker, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if tracker in self.report_to and importlib.util.find_spec(package) is None:
+                found.append(f"--report_to {tracker} needs the {package} package: pip install {package}.")
         found.extend(self._output_dir_problems())
         return found
 

@@ -72,9 +72,11 @@ def _read(name_or_path: str, config_name: str | None) -> dict[str, Any]:
     path = Path(name_or_path)
     try:
         if path.is_dir():
-            if not any((path / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
-                raise DataError(f"{path}: a folder must be written by datasets' save_to_disk; give a data file instead.")
-            loaded = datasets.load_from_disk(str(path))
+            if any((path / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
+                loaded = datasets.load_from_disk(str(path))
+            else:
+                # A folder of data files (a cloned Hub dataset repo): splits come from the file names.
+                loaded = datasets.load_dataset(str(path), config_name)
         elif path.suffix.lower() in FILE_LOADERS:
             if not path.is_file():
                 raise DataError(f"{path}: no such file.")
