@@ -5,8 +5,9 @@
 For each size (about 0.5 GB and 2 GB of bf16 weights, sharded at 500 MB) it builds a random base and a random LoRA
 adapter (r=16, all linear layers, non-zero B), then times, each in its own process: copying the base's files (the
 physical floor), `fnsft merge --verify off`, PEFT's merge, and `fnsft merge --verify on` (to show what verification
-adds). Peak RSS is the kernel's own figure for each child (wait4 rusage ru_maxrss). Files are read once before
-timing, so all runs see a warm page cache.
+adds). Peak RSS is the kernel's own figure for each child (wait4 rusage ru_maxrss). Linux carries ru_maxrss over
+from the parent across fork+exec, so this script never imports torch itself: models are built in a child too, and the
+parent stays at a few MB. Files are read once before timing, so all runs see a warm page cache.
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ def build(folder: Path, hidden: int, intermediate: int, layers: int) -> tuple[Pa
     return base, adapter, weights_gb
 
 
+def build_in_child(folder: Path, size: str) -> float:
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import merge_bench as b; from pathlib import Path; "
+            "print(json.dumps(b.build(Path(sys.argv[2]), *b.SIZES[sys.argv[3]])[2]))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(folder), size],
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def timed(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one child process, as the kernel accounts it."""
     started = time.perf_counter()
@@ -96,7 +105,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for size in args.sizes:
             folder = Path(tmp) / size
-            base, adapter, weights_gb = build(folder, *SIZES[size])
+            weights_gb = build_in_child(folder, size)
+            base, adapter = folder / "base", folder / "adapter"
             run = {"size": size, "weights_gb": round(weights_gb, 3)}
             copy_floor(base, folder / "warm")  # warm the page cache, so every timed run reads from memory
             shutil.rmtree(folder / "warm")

@@ -334,7 +334,10 @@ def test_qlora_merges_into_original_or_exactly_the_quantized_layers_round_trip(t
 
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     quantized = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
-    (adapter / "fnsft_training.json").write_text(json.dumps({"quantization": "4bit", "quantized_modules": quantized,
+    # Named as in the PEFT-wrapped training model, as fnsft train records them.
+    recorded = ["base_model.model.model.layers.0.self_attn.q_proj.base_layer", "model.layers.1.mlp.up_proj"]
+    (adapter / "fnsft_training.json").write_text(json.dumps({"quantization": "4bit", "quantized_modules": recorded,
+                                                             "bnb_4bit_quant_type": "nf4",
                                                              "bnb_4bit_use_double_quant": True}))
     original = merge_adapter(adapter, tmp_path / "original", base_model=str(tiny_llama), verify="off")
     dequant = merge_adapter(adapter, tmp_path / "dequant", base_model=str(tiny_llama), verify="on",
@@ -379,12 +382,15 @@ def test_fnsft_merge_command_prints_summary_and_reports_errors_in_one_line(tiny_
 
 
 MEMORY_PROBE = """
-import json, resource, sys, psutil, torch
+import json, sys, psutil, torch
 from functionalnetworkssft.merge import merge_adapter
-import transformers, peft, safetensors.torch  # everything the merge imports, loaded before the baseline
+import peft, safetensors.torch, tqdm.auto  # everything the merge imports, loaded before the baseline
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 before = psutil.Process().memory_info().rss
 merge_adapter(sys.argv[1], sys.argv[2], base_model=sys.argv[3], verify="off")
-print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork+exec.
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"before": before, "peak": peak}))
 """
 
 
@@ -393,7 +399,7 @@ def test_memory_stays_near_one_block_not_model_size(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=40,
+    config = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=1024, num_hidden_layers=40,
                          num_attention_heads=4, num_key_value_heads=4)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -411,5 +417,5 @@ def test_memory_stays_near_one_block_not_model_size(tmp_path):
     result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "adapter"), str(tmp_path / "merged"),
                              str(tmp_path / "base")], capture_output=True, text=True, check=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert tensors > 350 and model_bytes > 150e6
+    assert tensors > 350 and model_bytes > 230e6
     assert figures["peak"] - figures["before"] < 0.25 * model_bytes, (figures, model_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from functionalnetworkssft.errors import FnsftError
@@ -15,11 +16,9 @@ USAGE = """usage: fnsft {train,merge,push,generate} [--help] ...
 """
 
 
-def _commands():
-    # Imported lazily so that `fnsft --help` and flag errors answer in well under a second.
-    from functionalnetworkssft import generate, hub, merge, training
-
-    return {"train": training.main, "merge": merge.main, "push": hub.main, "generate": generate.main}
+# Subcommand -> module with its `main`; imported only when used, so that `fnsft --help` and flag errors answer at
+# once and `fnsft merge` does not pay for the training stack.
+COMMANDS = {"train": "training", "merge": "merge", "push": "hub", "generate": "generate"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    commands = _commands()
-    if name not in commands:
-        print(f"fnsft: error: unknown command '{name}'; choose one of {', '.join(commands)}.", file=sys.stderr)
+    if name not in COMMANDS:
+        print(f"fnsft: error: unknown command '{name}'; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
-    return run_guarded(commands[name], rest, prog=f"fnsft {name}")
+    module = importlib.import_module(f"functionalnetworkssft.{COMMANDS[name]}")
+    return run_guarded(module.main, rest, prog=f"fnsft {name}")
 
 
 def setup_logging() -> None:

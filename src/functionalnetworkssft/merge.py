@@ -21,8 +21,6 @@ QLoRA: PEFT does not record that an adapter was trained on a quantized base. Whe
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import math
 import os
@@ -36,7 +34,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from functionalnetworkssft.config import arg, parse
+from functionalnetworkssft.config import TRAINING_RECORD, arg, parse
 from functionalnetworkssft.errors import MergeError, UsageError
 from functionalnetworkssft.merge_io import (
     BaseWeights,
@@ -51,7 +49,6 @@ from functionalnetworkssft.merge_io import (
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_PREFIX = "base_model.model."
-TRAINING_RECORD = "fnsft_training.json"
 LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 # init_lora_weights values that only choose A and B; all others (pissa, olora, corda, loftq, ...) rewrite the base
 # weights when the adapter is created, so the adapter is meaningless on the untouched base.
@@ -154,10 +151,13 @@ class LoraTarget:
         # transpose of B @ A, which is why PEFT transposes their delta (fan_in_fan_out).
         return self.kind == "linear"
 
-    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
+    def add_delta_rows(self, block: torch.Tensor, start: int, stop: int) -> None:
+        """block += scaling * (B @ A)[rows start:stop], in one fused multiply-add with no delta tensor."""
+        A, B = self.A.to(block.device), self.B.to(block.device)
         if self.out_major:
-            return (self.B[start:stop] @ self.A) * self.scaling
-        return (self.B @ self.A[:, start:stop]).T * self.scaling
+            block.addmm_(B[start:stop], A, alpha=self.scaling)
+        else:
+            block.addmm_(A[:, start:stop].T, B.T, alpha=self.scaling)
 
 
 @dataclass
@@ -386,6 +386,9 @@ def read_training_record(folder: Path, modules: dict[str, Any], output_embedding
         raise MergeError(f"{path}: quantization {quantization!r} is not one of 4bit, 8bit, null.")
     listed = record.get("quantized_modules")
     inferred = listed is None
+    if listed is not None:
+        # Names taken from a PEFT-wrapped model carry its prefix and the wrapped layer's '.base_layer'.
+        listed = [".".join(p for p in m.removeprefix(ADAPTER_PREFIX).split(".") if p != "base_layer") for m in listed]
     if inferred:
         # transformers quantizes every Linear except the output head when no list was recorded.
         from torch import nn
@@ -394,8 +397,9 @@ def read_training_record(folder: Path, modules: dict[str, Any], output_embedding
     unknown = [m for m in listed if m not in modules]
     if unknown:
         raise MergeError(f"{path}: quantized module {unknown[0]} does not exist in the base model.")
-    return QuantSpec(quantization, list(listed), str(record.get("bnb_4bit_quant_type", "nf4")),
-                     bool(record.get("bnb_4bit_use_double_quant", True)), int(record.get("bnb_4bit_blocksize", 64)),
+    double_quant = record.get("bnb_4bit_use_double_quant")
+    return QuantSpec(quantization, list(listed), str(record.get("bnb_4bit_quant_type") or "nf4"),
+                     True if double_quant is None else bool(double_quant), int(record.get("bnb_4bit_blocksize") or 64),
                      inferred)
 
 
@@ -448,11 +452,12 @@ def compute_blocks(recipe: TensorRecipe, base: BaseWeights, out_dtype: torch.dty
         factor = _dora_factor(recipe, read, device)
 
     def merged(start: int, stop: int) -> torch.Tensor:
-        block = read(start, stop).to(device=device, dtype=torch.float32)
+        block = read(start, stop).to(device=device, dtype=torch.float32, copy=True)
         if lora is not None:
-            block = block + lora.delta_rows(start, stop).to(device)
+            # In place: a block's float32 working set is the block and its delta, nothing more.
+            lora.add_delta_rows(block, start, stop)
             if factor is not None:
-                block = (factor[start:stop].view(-1, 1) if lora.out_major else factor.view(1, -1)) * block
+                block.mul_(factor[start:stop].view(-1, 1) if lora.out_major else factor.view(1, -1))
         if recipe.bias_add is not None:
             block = block + recipe.bias_add.to(device)
         if recipe.tokens is not None:
@@ -471,16 +476,19 @@ def _dora_factor(recipe: TensorRecipe, read, device: torch.device) -> torch.Tens
     """magnitude / ||W + delta|| with the norm taken per output feature, as PEFT's DoRA merge does."""
     lora = recipe.lora
     assert lora is not None and lora.magnitude is not None
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        block = read(start, stop).to(device=device, dtype=torch.float32, copy=True)
+        lora.add_delta_rows(block, start, stop)
+        return block
+
     if lora.out_major:
-        norms = [torch.linalg.norm(read(s, e).to(device, torch.float32) + lora.delta_rows(s, e).to(device), dim=1)
-                 for s, e in row_blocks(recipe.info)]
-        norm = torch.cat(norms)
+        norm = torch.cat([torch.linalg.norm(rows(s, e), dim=1) for s, e in row_blocks(recipe.info)])
     else:
         # Output features are the stored columns here: accumulate their squares over row blocks.
         sumsq = torch.zeros(recipe.info.shape[1], dtype=torch.float64, device=device)
         for s, e in row_blocks(recipe.info):
-            block = read(s, e).to(device, torch.float32) + lora.delta_rows(s, e).to(device)
-            sumsq += block.double().square().sum(dim=0)
+            sumsq += rows(s, e).double().square().sum(dim=0)
         norm = sumsq.sqrt().float()
     return lora.magnitude.to(device) / norm
 

@@ -27,8 +27,9 @@ ST_TO_TORCH = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 
-# A row block is sized so that its float32 working copies stay small whatever the tensor's size.
-BLOCK_ELEMENTS = 1 << 22
+# A row block's float32 working copy is 1 MiB whatever the tensor's size: small enough to stay in a core's L2 cache,
+# which measured faster than 4 or 16 MiB blocks on a 2 GB merge (the work is memory-bound), and keeps memory flat.
+BLOCK_ELEMENTS = 1 << 18
 COPY_CHUNK = 64 << 20
 
 
