@@ -11,8 +11,8 @@ from functionalnetworkssft.hub import PushConfig
 from functionalnetworkssft.merge import MergeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-# Flags of tools other than fnsft that the README quotes (pip's index URL).
-FOREIGN_FLAGS = {"--index-url"}
+# Flags the README quotes that are not fnsft's: pip's index URL and the merge benchmark script's output file.
+FOREIGN_FLAGS = {"--index-url", "--json"}
 
 
 def known_flags() -> set[str]:
