@@ -136,3 +136,17 @@ from hub_server import hub_server  # noqa: E402,F401
 def tiny_llama_tied(tmp_path_factory) -> Path:
     """Llama architecture, float32, tied input/output embeddings (the checkpoint stores no lm_head.weight)."""
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama-tied", "llama", chat=True, tie=True)
+
+
+@pytest.fixture
+def corrupt_merge(monkeypatch):
+    """Make the merge engine add each LoRA delta twice: a wrong merge that only verification can catch."""
+    from functionalnetworkssft import merge
+
+    original = merge.LoraTarget.add_delta_rows
+
+    def twice(self, block, start, stop):
+        original(self, block, start, stop)
+        original(self, block, start, stop)
+
+    monkeypatch.setattr(merge.LoraTarget, "add_delta_rows", twice)

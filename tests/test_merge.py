@@ -419,3 +419,17 @@ def test_memory_stays_near_one_block_not_model_size(tmp_path):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert tensors > 350 and model_bytes > 230e6
     assert figures["peak"] - figures["before"] < 0.25 * model_bytes, (figures, model_bytes)
+
+
+def test_a_merge_that_does_not_compute_base_plus_adapter_fails_verification(tiny_llama, tmp_path, capsys,
+                                                                            corrupt_merge):
+    from functionalnetworkssft.cli import main
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    code = main(["merge", "--adapter_path", str(adapter), "--output_dir", str(tmp_path / "merged"), "--verify", "on",
+                 "--base_model_name_or_path", str(tiny_llama)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("fnsft merge: error:") and "verification" in err[-1]
+    assert not (tmp_path / "merged").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]

@@ -166,3 +166,31 @@ def test_quantized_lora_trains_records_its_layers_and_merges_into_full_precision
     assert not any("embed" in name or "lm_head" in name for name in record["quantized_modules"])
     config = json.loads((out / "merged_model" / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
+
+
+def test_a_failed_merge_leaves_training_successful_with_the_adapter_saved(tiny_llama, tmp_path, capsys,
+                                                                           corrupt_merge):
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", str(tiny_llama), "--dataset_name_or_path", str(data), "--use_peft",
+            "--max_steps", "2", "--validation_split", "0", "--merge_adapter_with_base", "--learning_rate", "1e-2"]
+    assert train(*args, "--output_dir", str(out)) == 0
+    err = capsys.readouterr().err
+    assert "Merge failed:" in err and f"fnsft merge --adapter_path {out / 'final_model'}" in err
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "merged_model").exists()
+
+
+def test_a_failed_merge_with_upload_merged_model_fails_the_run_and_uploads_nothing(tiny_llama, tmp_path, capsys,
+                                                                                    corrupt_merge, hub_server,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    out = tmp_path / "out"
+    assert train("--model_name_or_path", str(tiny_llama), "--dataset_name_or_path", str(data), "--use_peft",
+                 "--max_steps", "2", "--validation_split", "0", "--merge_adapter_with_base", "--push_to_hub",
+                 "--upload_merged_model", "--hub_repo_id", "alice/never", "--output_dir", str(out)) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--upload_merged_model" in last and "merge failed" in last
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert hub_server.repo("alice/never") is None
