@@ -194,3 +194,17 @@ def test_a_failed_merge_with_upload_merged_model_fails_the_run_and_uploads_nothi
     assert "--upload_merged_model" in last and "merge failed" in last
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert hub_server.repo("alice/never") is None
+
+
+def test_merged_model_keeps_the_base_dtype_although_training_ran_in_float32(tiny_llama_bf16, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    out = tmp_path / "out"
+    assert train("--model_name_or_path", str(tiny_llama_bf16), "--dataset_name_or_path", str(data), "--use_peft",
+                 "--max_steps", "2", "--validation_split", "0", "--merge_adapter_with_base",
+                 "--output_dir", str(out)) == 0
+    config = json.loads((out / "merged_model" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    weights = load_file(out / "merged_model" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    report = json.loads((out / "merged_model" / "merge_report.json").read_text())
+    assert report["verification"]["status"] == "passed"
