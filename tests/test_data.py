@@ -162,3 +162,17 @@ def test_an_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="^someone/some-dataset: could not be read: "):
         data.load("someone/some-dataset", "default", validation_split=0, seed=0)
+
+
+@pytest.mark.parametrize("layout", ["array", "wrapped", "lines", "one_line"])
+def test_json_layouts(tmp_path, layout):
+    rows = [{"messages": CHAT}] * (1 if layout == "one_line" else 3)
+    path = tmp_path / "d.json"
+    if layout == "array":
+        path.write_text(json.dumps(rows, indent=2))
+    elif layout == "wrapped":
+        path.write_text(json.dumps({"data": rows}, indent=2))
+    else:
+        write_jsonl(path, rows)
+    raw = data.load(str(path), None, validation_split=0, seed=0)
+    assert len(raw.train) == len(rows) and raw.train[0]["messages"] == CHAT

@@ -23,6 +23,8 @@ VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 PROMPT_COMPLETION_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"))
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "system": "system"}
+KNOWN_COLUMNS = {"messages", "conversations", "instruction", "input", "output", "system", "text",
+                 *(name for pair in PROMPT_COMPLETION_PAIRS for name in pair)}
 SUPPORTED_FORMATS = ("messages (chat: role/content)", "conversations (ShareGPT: from/value)",
                      "instruction/input/output (Alpaca)", "prompt/completion (or prompt/response, question/answer)",
                      "text (plain)")
@@ -97,18 +99,21 @@ def _read(name_or_path: str, config_name: str | None) -> dict[str, Any]:
     return dict(loaded)
 
 
-def _read_json(path: Path):
-    """A JSON array of objects or JSON Lines; a malformed line is reported with its number."""
-    import datasets
-
+def _read_json(path: Path) -> list[dict]:
+    """A JSON array of objects, an object wrapping one ({"data": [...]}), or JSON Lines; a malformed line is
+    reported with its number."""
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
-    if stripped.startswith("["):
+    rows = None
+    if stripped.startswith(("[", "{")):
         try:
-            rows = json.loads(text)
+            whole = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg}).") from None
-    else:
+            if stripped.startswith("["):
+                raise DataError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg}).") from None
+        else:
+            rows = whole if isinstance(whole, list) else _unwrap(whole)
+    if rows is None:
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -117,8 +122,6 @@ def _read_json(path: Path):
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: line {number}: invalid JSON ({exc.msg}).") from None
-        if len(rows) == 1 and isinstance(rows[0], dict) and _single_list_value(rows[0]) is not None:
-            rows = _single_list_value(rows[0])  # {"data": [...]} layout
     if not rows:
         raise DataError(f"{path}: the dataset is empty (no examples).")
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
@@ -128,15 +131,19 @@ def _read_json(path: Path):
     return rows
 
 
+def _unwrap(obj: dict) -> list:
+    """{"data": [records]} holds the records; any other object is itself one record."""
+    if len(obj) == 1:
+        (key, value), = obj.items()
+        if key not in KNOWN_COLUMNS and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            return value
+    return [obj]
+
+
 def _columns(rows) -> list[str]:
     if hasattr(rows, "column_names"):
         return rows.column_names
     return sorted({key for row in rows for key in row})
-
-
-def _single_list_value(obj: dict) -> list | None:
-    values = list(obj.values())
-    return values[0] if len(values) == 1 and isinstance(values[0], list) else None
 
 
 def _looks_like_path(name: str) -> bool:
