@@ -82,3 +82,16 @@ def test_failed_upload_after_training_keeps_outputs_and_says_how_to_retry(hub_se
     assert (tmp_path / "output" / "final_model" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "output" / "merged_model" / "config.json").is_file()
     assert len(hub_server.calls("commit")) > 1  # retried before giving up
+
+
+def test_a_token_given_as_a_flag_never_reaches_a_file_or_the_log(hub_server, tiny_gpt2, conversations_json,
+                                                                 tmp_path):
+    argv = spec_argv(tiny_gpt2, conversations_json, "alice/flag-token", merged=False)
+    result = run(argv + ["--hub_token", hub_server.token, "--max_steps", "2"], tmp_path, hub_server.env(token=None))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hub_server.token not in result.stdout + result.stderr
+    secret = hub_server.token.encode()
+    leaked = [p for p in (tmp_path / "output").rglob("*") if p.is_file() and secret in p.read_bytes()]
+    assert leaked == []
+    assert "***" in (tmp_path / "output" / "run_config.yaml").read_text()
+    assert "adapter_config.json" in hub_server.files("alice/flag-token")
