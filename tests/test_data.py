@@ -156,12 +156,13 @@ def test_a_folder_of_data_files_takes_its_splits_from_the_file_names(tmp_path):
     assert raw.validation[0]["messages"][0]["content"] == "held"
 
 
-def test_an_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
+@pytest.mark.parametrize("name", ["someone/some-dataset", "someone/data-v1.2"])
+def test_an_unreachable_hub_dataset_is_one_clear_error(monkeypatch, name):
     from functionalnetworkssft.errors import DataError
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="^someone/some-dataset: could not be read: "):
-        data.load("someone/some-dataset", "default", validation_split=0, seed=0)
+    with pytest.raises(DataError, match=f"^{name}: could not be read: "):
+        data.load(name, "default", validation_split=0, seed=0)
 
 
 @pytest.mark.parametrize("layout", ["array", "wrapped", "lines", "one_line"])

@@ -29,6 +29,8 @@ MASK = "***"
 # Written beside an adapter or model by `fnsft train` (base, data, method, quantized layers) so that merge,
 # generate and push need no extra flags.
 TRAINING_RECORD = "fnsft_training.json"
+# Written into merged_model/ by the merge: verification figures and input hashes.
+MERGE_REPORT = "merge_report.json"
 
 # Files and folders a training run writes into output_dir; `--overwrite_output_dir` removes exactly these.
 RUN_OUTPUTS = (
@@ -224,6 +226,12 @@ class TrainConfig:
         values["learning_rate"] = self.effective_learning_rate
         values["eval_steps"] = self.effective_eval_steps
         return values
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model or dataset name can only mean a local path: Hub ids are `name` or `owner/name` (dots allowed,
+    as in `Qwen/Qwen2.5-0.5B`), so a missing path is reported as missing instead of being looked up on the Hub."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft.errors import DataError
+from functionalnetworkssft.config import looks_like_local_path
+from functionalnetworkssft.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _read(name_or_path: str, config_name: str | None) -> dict[str, Any]:
             if FILE_LOADERS[path.suffix.lower()] == "json":
                 return {"train": _read_json(path)}
             loaded = datasets.load_dataset(FILE_LOADERS[path.suffix.lower()], data_files=str(path))
-        elif _looks_like_path(name_or_path):
+        elif looks_like_local_path(name_or_path):
             raise DataError(f"{name_or_path}: no such file or folder (expected .json, .jsonl, .csv, .parquet, or a "
                             "save_to_disk folder).")
         else:
@@ -93,7 +94,7 @@ def _read(name_or_path: str, config_name: str | None) -> dict[str, Any]:
     except DataError:
         raise
     except Exception as exc:  # datasets raises many unrelated types; all mean "could not read this"
-        raise DataError(f"{name_or_path}: could not be read: {_first_line(exc)}") from exc
+        raise DataError(f"{name_or_path}: could not be read: {first_line(exc)}") from exc
     if isinstance(loaded, datasets.Dataset):
         return {"train": loaded}
     return dict(loaded)
@@ -144,15 +145,6 @@ def _columns(rows) -> list[str]:
     if hasattr(rows, "column_names"):
         return rows.column_names
     return sorted({key for row in rows for key in row})
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or "\\" in name or Path(name).suffix != "" or name.count("/") > 1
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +219,7 @@ def _normalise(rows, fmt: str, source: str):
         try:
             normalised.append({"messages": to_messages(row, fmt)})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise DataError(f"{source}: example {index}: malformed {fmt} record ({_first_line(exc)}).") from None
+            raise DataError(f"{source}: example {index}: malformed {fmt} record ({first_line(exc)}).") from None
     return datasets.Dataset.from_list(normalised)
 
 

@@ -1,6 +1,12 @@
 """Errors a user can cause. The CLI prints them as one line, never a traceback."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line error reports."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class FnsftError(Exception):
     """A runtime failure the user can act on (bad data, missing model, failed upload): exit status 1."""
 

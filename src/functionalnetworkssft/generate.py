@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from functionalnetworkssft import data, modeling
-from functionalnetworkssft.config import TRAINING_RECORD, arg, parse
+from functionalnetworkssft.config import arg, parse
 from functionalnetworkssft.errors import FnsftError
 
 
@@ -41,10 +41,8 @@ def load_for_inference(name: str, trust_remote_code: bool = False):
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        record = path / TRAINING_RECORD
-        base = json.loads(record.read_text())["base_model_path"] if record.is_file() else None
-        if base is None:
-            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        # PEFT records the folder or Hub id the adapter was trained on (for GGUF bases, the converted folder).
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise FnsftError(f"{path}: the adapter does not name its base model.")
         source = modeling.resolve(base)

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote
 
-from functionalnetworkssft.config import TRAINING_RECORD, arg, parse
-from functionalnetworkssft.errors import FnsftError, UsageError
+from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD, arg, parse
+from functionalnetworkssft.errors import FnsftError, UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ RETRY_BASE_DELAY_S = 2.0
 RETRY_BASE_DELAY_ENV = "FNSFT_HUB_RETRY_BASE_DELAY"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
-MERGE_REPORT = "merge_report.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Files that decide what `from_pretrained` loads. A stale one left in the repo from an earlier upload (an adapter
 # config beside a merged model, an extra shard) would make the repo load something other than what was pushed.
@@ -615,7 +614,7 @@ def _one_line(exc: BaseException, token: str | None = None) -> str:
         kind = "cannot connect" if isinstance(root, httpx2.ConnectError) else "network error"
         text = f"{kind}{where} ({str(root).strip() or type(root).__name__})"
     else:
-        text = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        text = first_line(root)
     return text.replace(token, "***") if token else text
 
 

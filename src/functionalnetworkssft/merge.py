@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from functionalnetworkssft.config import TRAINING_RECORD, arg, parse
-from functionalnetworkssft.errors import MergeError, UsageError
+from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD, arg, looks_like_local_path, parse
+from functionalnetworkssft.errors import MergeError, UsageError, first_line
 from functionalnetworkssft.merge_io import (
     BaseWeights,
     PlannedTensor,
@@ -60,7 +60,6 @@ UNSUPPORTED_OPTIONS = ("target_parameters", "alora_invocation_tokens", "arrow_co
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
                    "chat_template.json", "processor_config.json")
-REPORT_FILE = "merge_report.json"
 
 
 @dataclass
@@ -633,7 +632,7 @@ def _resolve_base(name: str, trust_remote_code: bool) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if path.exists() or looks_like_local_path(name):
         raise UsageError(f"--base_model_name_or_path {name}: no such model folder.")
     try:
         from huggingface_hub import snapshot_download
@@ -657,7 +656,7 @@ def _skeleton(base_dir: Path, trust_remote_code: bool):
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise MergeError(f"{base_dir}: cannot read the model's architecture ({str(exc).splitlines()[0]}); "
+        raise MergeError(f"{base_dir}: cannot read the model's architecture ({first_line(exc)}); "
                          "add --trust_remote_code for models with custom code.") from None
     return config, model
 
@@ -684,7 +683,7 @@ def _usage_problems(dtype, verify, device, qlora_merge_base, max_shard_size) -> 
 def _prepare_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output_dir {output} is a file; name a folder.")
-    if output.is_dir() and any(output.iterdir()) and not (output / REPORT_FILE).is_file():
+    if output.is_dir() and any(output.iterdir()) and not (output / MERGE_REPORT).is_file():
         raise UsageError(f"--output_dir {output} exists and is not an earlier merge; choose a new or empty folder.")
     output.parent.mkdir(parents=True, exist_ok=True)
     for stale in output.parent.glob(f".{output.name}.partial-*"):
@@ -786,7 +785,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, base_model
         report.verification = _maybe_verify(verify, staging, base_dir, adapter_dir, base, plan, quant,
                                             qlora_merge_base, skeleton, report, torch_device, trust_remote_code)
         report.seconds = round(time.perf_counter() - started, 3)
-        (staging / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        (staging / MERGE_REPORT).write_text(json.dumps(asdict(report), indent=2) + "\n")
         if report.verification.get("status") == "failed":
             raise MergeError(f"verification failed, nothing written to {output}: {report.summary()}")
         _move_into_place(staging, output)

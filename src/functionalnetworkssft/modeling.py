@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from functionalnetworkssft.errors import FnsftError
+from functionalnetworkssft.config import looks_like_local_path
+from functionalnetworkssft.errors import FnsftError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def resolve(name_or_path: str, flag: str = "--model_name_or_path") -> ModelSourc
             raise FnsftError(f"{flag} {given}: the folder has no config.json; give a model folder saved with "
                              "save_pretrained, a .gguf file, or a Hub id.")
         return ModelSource(given, str(path.resolve()))
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if path.exists() or looks_like_local_path(name_or_path):
         raise FnsftError(f"{flag} {given}: no such model folder or file.")
     return ModelSource(given, name_or_path)
 
@@ -114,7 +115,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise FnsftError(f"--model_name_or_path {source.given}: could not load a tokenizer "
-                         f"({str(exc).splitlines()[0]}).") from exc
+                         f"({first_line(exc)}).") from exc
     if tokenizer.eos_token_id is None:
         raise FnsftError(f"--model_name_or_path {source.given}: the tokenizer has no EOS token, so the model "
                          "could not learn to stop; set eos_token in its tokenizer_config.json.")
@@ -172,14 +173,12 @@ def load_model(source: ModelSource, dtype, quant=None, trust_remote_code: bool =
         return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except OSError as exc:
         raise FnsftError(f"--model_name_or_path {source.given}: could not load the model "
-                         f"({str(exc).splitlines()[0]}).") from exc
+                         f"({first_line(exc)}).") from exc
 
 
 def quantized_module_names(model) -> list[str]:
     """Names of the layers bitsandbytes quantized: what a faithful QLoRA merge must round-trip, and nothing else."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return []
+    import bitsandbytes as bnb
+
     kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return [name for name, module in model.named_modules() if isinstance(module, kinds)]

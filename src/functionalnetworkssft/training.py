@@ -15,7 +15,7 @@ from typing import Any
 
 from functionalnetworkssft import __version__, data, hub, modeling
 from functionalnetworkssft.config import RUN_OUTPUTS, TRAINING_RECORD, TrainConfig, latest_checkpoint, parse
-from functionalnetworkssft.errors import FnsftError, UsageError
+from functionalnetworkssft.errors import FnsftError, UsageError, first_line
 
 
 def main(argv: list[str] | None, prog: str = "fnsft train") -> None:
@@ -57,7 +57,7 @@ def run(cfg: TrainConfig) -> Path:
     # PEFT's auto-card records local paths and the pickled TrainingArguments is not portable; checkpoints keep it.
     for stray in ("README.md", "training_args.bin"):
         (final_dir / stray).unlink(missing_ok=True)
-    record = _training_record(cfg, source, raw, quantized_modules)
+    record = _training_record(cfg, source, raw, quant, quantized_modules)
     (final_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     trainer.save_state()
     _plot_loss(trainer.state.log_history, out / "loss.png")
@@ -158,7 +158,7 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quan
                    processing_class=tokenizer, peft_config=peft_config)
 
 
-def _training_record(cfg: TrainConfig, source: modeling.ModelSource, raw: data.RawData,
+def _training_record(cfg: TrainConfig, source: modeling.ModelSource, raw: data.RawData, quant,
                      quantized_modules: list[str]) -> dict[str, Any]:
     """Saved beside the weights so that merge, generate and push need no extra flags."""
     hyper = {k: v for k, v in cfg.to_yaml_dict().items() if k in (
@@ -175,8 +175,9 @@ def _training_record(cfg: TrainConfig, source: modeling.ModelSource, raw: data.R
         "method": ("qlora" if cfg.use_4bit else "lora-8bit" if cfg.use_8bit else "lora") if cfg.use_peft else "full",
         "quantization": "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None,
         "quantized_modules": quantized_modules,
-        "bnb_4bit_quant_type": "nf4" if cfg.use_4bit else None,
-        "bnb_4bit_use_double_quant": True if cfg.use_4bit else None,
+        # Read back from the BitsAndBytesConfig that loaded the model: what a faithful QLoRA merge must replay.
+        "bnb_4bit_quant_type": quant.bnb_4bit_quant_type if cfg.use_4bit else None,
+        "bnb_4bit_use_double_quant": quant.bnb_4bit_use_double_quant if cfg.use_4bit else None,
         "hyperparameters": hyper,
     }
 
@@ -225,8 +226,7 @@ def _merge(cfg: TrainConfig, source: modeling.ModelSource, adapter_dir: Path, me
         report = merge_adapter(adapter_dir, merged_dir, base_model=source.path,
                                trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # training succeeded: no merge problem may take the adapter with it
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"Merge failed: {message}\nThe adapter is saved in {adapter_dir}; retry with: fnsft merge "
+        print(f"Merge failed: {first_line(exc)}\nThe adapter is saved in {adapter_dir}; retry with: fnsft merge "
               f"--adapter_path {adapter_dir} --output_dir {merged_dir}", file=sys.stderr)
         if cfg.upload_merged_model:
             raise FnsftError("--upload_merged_model: nothing to upload because the merge failed; the adapter is "
