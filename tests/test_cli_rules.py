@@ -38,7 +38,7 @@ def base_args(data: Path, out: Path) -> list[str]:
     (["--use_4bit"], "--use_4bit (quantized training) needs --use_peft"),
     (["--use_8bit"], "--use_8bit (quantized training) needs --use_peft"),
     (["--validation_split", "1.5"], "--validation_split must be in [0, 1)"),
-    (["--resume_from_checkpoint", "latest"], "no checkpoint-N folder"),
+    (["--resume_from_checkpoint", "latest"], "no complete checkpoint-N folder"),
 ])
 def test_each_flag_rule_exits_2_naming_the_flag_and_writes_nothing(capsys, tmp_path, data, flags, needle):
     out = tmp_path / "out"
@@ -62,12 +62,13 @@ def test_all_problems_are_reported_together(capsys, tmp_path, data):
 
 def test_an_earlier_run_in_output_dir_is_protected(capsys, tmp_path, data):
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "final_model").mkdir(parents=True)
+    (out / "fnsft_outputs.json").write_text(json.dumps({"entries": ["final_model", "trainer_state.json"]}))
     (out / "trainer_state.json").write_text("{}")
     code, lines = run(capsys, *base_args(data, out), "--use_peft")
     assert code == 2
     assert "--overwrite_output_dir" in lines[0] and "--resume_from_checkpoint latest" in lines[0]
-    assert [p.name for p in out.iterdir()] == ["trainer_state.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["final_model", "fnsft_outputs.json", "trainer_state.json"]
 
 
 def test_unknown_flag_and_bad_value_are_one_line_usage_errors(capsys, tmp_path, data):

@@ -77,7 +77,7 @@ def seed_base(server) -> None:
 
 
 # ---- uploads ---------------------------------------------------------------------------------------------------------
-def test_adapter_upload_creates_a_private_repo_with_the_files_and_a_card(hub_server, run_dir):
+def test_adapter_upload_creates_a_private_repo_with_the_files_and_a_card(hub_server, run_dir, tiny_llama):
     seed_base(hub_server)
     final = run_dir / "final_model"
     before = snapshot(final)
@@ -88,8 +88,16 @@ def test_adapter_upload_creates_a_private_repo_with_the_files_and_a_card(hub_ser
     assert hub_server.repo("alice/tiny-adapter")["private"] is True
     remote = hub_server.files("alice/tiny-adapter")
     for rel, path in ((p.relative_to(final).as_posix(), p) for p in final.iterdir()):
-        if rel != "README.md":  # PEFT's template card is replaced by ours
+        if rel in ("adapter_config.json", "fnsft_training.json"):
+            # Records carry local paths: uploaded as public copies, the base named by its Hub id, the rest unchanged.
+            local, public = json.loads(path.read_text()), json.loads(remote[rel])
+            assert str(run_dir.parent) not in remote[rel].decode() and str(tiny_llama) not in remote[rel].decode()
+            changed = {k for k in local if public.get(k) != local[k]}
+            assert changed <= {"base_model_name_or_path", "base_model_path", "hyperparameters"}, changed
+        elif rel != "README.md":  # PEFT's template card is replaced by ours
             assert remote[rel] == path.read_bytes(), rel
+    assert json.loads(remote["adapter_config.json"])["base_model_name_or_path"] == BASE_ID
+    assert json.loads(remote["fnsft_training.json"])["base_model_path"] == BASE_ID
     meta, body = card(remote["README.md"])
     assert meta["base_model"] == BASE_ID
     assert meta["library_name"] == "peft"
@@ -227,14 +235,16 @@ def test_preflight_without_a_token_fails_in_seconds_with_every_problem(hub_serve
     assert info.value.problems[1].startswith("no Hub token: set HF_TOKEN, pass --hub_token, or run `hf auth login`")
 
 
-def test_resolve_token_prefers_hf_token_then_flag_then_cached_login(hub_server, monkeypatch):
-    from huggingface_hub import constants
+def test_resolve_token_prefers_the_flag_then_hf_token_then_cached_login_as_huggingface_hub_does(hub_server,
+                                                                                                 monkeypatch):
+    from huggingface_hub import constants, get_token
 
     Path(constants.HF_TOKEN_PATH).write_text("hf_cached_login\n")
     assert hub.resolve_token(None) == "hf_cached_login"
     assert hub.resolve_token("hf_from_flag") == "hf_from_flag"
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
-    assert hub.resolve_token("hf_from_flag") == "hf_from_env"
+    assert hub.resolve_token(None) == "hf_from_env" == get_token()
+    assert hub.resolve_token("hf_from_flag") == "hf_from_flag"  # an explicit token wins, as in HfApi(token=...)
 
 
 def _fine_grained(namespace: str, permissions: list[str]) -> dict:
@@ -382,7 +392,7 @@ def test_fnsft_push_no_hub_private_creates_a_public_repo_on_a_branch(hub_server,
 @pytest.mark.parametrize("argv, expected", [
     (["--model_dir", "{run}", "--hub_repo_id", "alice/x"], "is a run's output folder; pass {run}/final_model"),
     (["--model_dir", "{run}/nowhere", "--hub_repo_id", "alice/x"], "no such folder"),
-    (["--model_dir", "{run}/final_model"], "the following arguments are required: --hub_repo_id"),
+    (["--model_dir", "{run}/final_model"], "--hub_repo_id is required"),
     (["--model_dir", "{run}/final_model", "--hub_repo_id", "alice"], "exactly one '/'"),
 ])
 def test_fnsft_push_usage_errors_exit_2(hub_server, run_dir, capsys, argv, expected):

@@ -282,7 +282,7 @@ def test_pre_quantized_base_is_refused(tiny_llama, tmp_path):
 
 
 def test_interrupted_merge_leaves_nothing_that_looks_complete(tiny_llama, tmp_path, monkeypatch):
-    import functionalnetworkssft.merge as merge_module
+    import functionalnetworkssft.merge.write as merge_module
 
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     real = merge_module.write_shards

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-from functionalnetworkssft.errors import FnsftError
+from functionalnetworkssft.errors import FnsftError, first_line
 
 USAGE = """usage: fnsft {train,merge,push,generate} [--help] ...
 
@@ -53,7 +54,10 @@ def setup_logging() -> None:
 
 
 def run_guarded(command, argv: list[str], prog: str) -> int:
-    """Run a subcommand; errors a user can cause become one line on stderr with exit status 2 or 1."""
+    """Run a subcommand; every failure becomes one line on stderr with exit status 2 (usage) or 1 (runtime).
+
+    Errors the code anticipates say what to fix. A failed write (disk full, read-only) is recognised wherever it
+    happens. Anything else is a bug: one line, with the traceback saved to a file (or shown with FNSFT_DEBUG=1)."""
     setup_logging()
     try:
         command(argv, prog=prog)
@@ -64,4 +68,30 @@ def run_guarded(command, argv: list[str], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; outputs written so far are kept.", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last line of defence: never a traceback for the user
+        if os.environ.get("FNSFT_DEBUG"):
+            raise
+        print(f"{prog}: error: {_describe_unexpected(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _describe_unexpected(exc: Exception) -> str:
+    from functionalnetworkssft.outputs import describe_write_error
+
+    cause = describe_write_error(exc)
+    filename = getattr(exc, "filename", None)
+    if cause:
+        return f"could not write{f' {filename}' if filename else ''}: {cause}."
+    if isinstance(exc, MemoryError):
+        return "ran out of memory; use a smaller model, batch or --max_seq_length, or a machine with more memory."
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{filename + ': ' if filename else ''}{exc.strerror}."
+    import tempfile
+    import traceback
+
+    handle, log = tempfile.mkstemp(prefix="fnsft-error-", suffix=".log")
+    with os.fdopen(handle, "w") as file:
+        traceback.print_exception(exc, file=file)
+    return (f"unexpected {type(exc).__name__}: {first_line(exc)[:300]} (this is a bug in fnsft or a library it "
+            f"uses; the traceback is in {log}, FNSFT_DEBUG=1 shows it here).")

@@ -1,8 +1,11 @@
 """Typed configuration: one dataclass per subcommand, help written once, read from flags and/or a YAML file.
 
 `parse(TrainConfig, argv)` accepts `--config FILE.yaml` whose keys are flag names; flags given on the command
-line override the file, and unknown keys are an error. `TrainConfig.problems()` collects every rule a
-configuration breaks so that all of them are reported together, before any model or dataset is loaded.
+line override the file, and unknown keys are an error. A file's values are converted field by field with the
+field's own type, never turned back into command-line words, so a value can never become a flag.
+`field_problems(cfg)` checks every field against the bounds declared with it (and that every number is finite);
+`TrainConfig.problems()` adds the rules that tie flags together. All problems are reported together, before any
+model or dataset is loaded.
 """
 
 from __future__ import annotations
@@ -11,10 +14,8 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
-import re
-import sys
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -31,28 +32,72 @@ MASK = "***"
 TRAINING_RECORD = "fnsft_training.json"
 # Written into merged_model/ by the merge: verification figures and input hashes.
 MERGE_REPORT = "merge_report.json"
-
-# Files and folders a training run writes into output_dir; `--overwrite_output_dir` removes exactly these.
-RUN_OUTPUTS = (
-    "final_model",
-    "adapter",
-    "merged_model",
-    "trainer_state.json",
-    "run_config.yaml",
-    "loss.png",
-    "samples.json",
-    "runs",
-)
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# A config file is a handful of keys; anything larger is a mistake or an attack, refused before it is parsed.
+CONFIG_MAX_BYTES = 1 << 20
+# Field metadata key of the bounds declared with `arg`; argparse never sees it.
+BOUNDS = "fnsft_bounds"
 
 
-def arg(help: str, **kwargs: Any) -> Any:
-    """A dataclass field whose help text is the single source for --help, the README and error messages."""
-    return field(metadata={"help": help}, **kwargs)
+def arg(help: str, *, minimum: float | None = None, maximum: float | None = None, below: float | None = None,
+        positive: bool = False, hint: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field whose help text is the single source for --help, the README and error messages.
+
+    The bounds are checked by `field_problems` for every command alike: `positive` (> 0), `minimum` (>=),
+    `maximum` (<=), `below` (<). `hint` is appended to the message when a value is out of bounds.
+    """
+    bounds = {"minimum": minimum, "maximum": maximum, "below": below, "positive": positive, "hint": hint}
+    return field(metadata={"help": help, BOUNDS: bounds}, **kwargs)
+
+
+class Options:
+    """What every command's configuration carries besides its flags."""
+
+    # The --config file the values came from (an input of the run that nothing may overwrite); set by `parse`.
+    config_file: str | None = None
+
+
+def field_problems(cfg: Any) -> list[str]:
+    """Every field that breaks its declared bounds, is a non-finite number, or holds a NUL byte: one line each."""
+    found: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = f"--{f.name}"
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            found.append(f"{flag} contains a NUL byte; remove it.")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{flag} must be a finite number (got {value}).")
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        meta = f.metadata.get(BOUNDS, {})
+        low = (0, False) if meta.get("positive") else (meta["minimum"], True) if meta.get("minimum") is not None \
+            else None
+        high = (meta["below"], False) if meta.get("below") is not None else (meta["maximum"], True) \
+            if meta.get("maximum") is not None else None
+        broken = (low is not None and (value < low[0] or (value == low[0] and not low[1]))) or \
+                 (high is not None and (value > high[0] or (value == high[0] and not high[1])))
+        if not broken:
+            continue
+        if low and high:
+            rule = f"in {'[' if low[1] else '('}{_number(low[0])}, {_number(high[0])}{']' if high[1] else ')'}"
+        elif low:
+            rule = f"at least {_number(low[0])}" if low[1] else "positive" if low[0] == 0 else \
+                f"above {_number(low[0])}"
+        else:
+            rule = f"at most {_number(high[0])}" if high[1] else f"below {_number(high[0])}"
+        hint = f"; {meta['hint']}" if meta.get("hint") else ""
+        found.append(f"{flag} must be {rule} (got {_number(value)}){hint}.")
+    return found
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """Fine-tune a causal language model (LoRA, QLoRA or all weights); optionally merge the adapter and upload."""
 
     # Model
@@ -75,11 +120,11 @@ class TrainConfig:
                                   default=False)
 
     # Data
-    max_seq_length: int = arg("Examples longer than this many tokens are truncated.", default=1024)
+    max_seq_length: int = arg("Examples longer than this many tokens are truncated.", default=1024, positive=True)
     validation_split: float = arg(
         "Fraction of the data held out for evaluation when the dataset has no validation split (seeded shuffle); "
         "0 disables evaluation.",
-        default=0.1,
+        default=0.1, minimum=0, below=1, hint="0 disables evaluation",
     )
     train_on_prompt: bool = arg(
         "Compute the loss on prompt/user/system tokens too. By default only assistant (completion) tokens are trained.",
@@ -88,9 +133,9 @@ class TrainConfig:
 
     # PEFT
     use_peft: bool = arg("Train a LoRA adapter instead of all weights (full fine-tuning).", default=False)
-    lora_r: int = arg("LoRA rank.", default=16)
-    lora_alpha: int = arg("LoRA alpha; the update is scaled by alpha / r.", default=32)
-    lora_dropout: float = arg("Dropout on the LoRA input.", default=0.05)
+    lora_r: int = arg("LoRA rank.", default=16, positive=True)
+    lora_alpha: int = arg("LoRA alpha; the update is scaled by alpha / r.", default=32, positive=True)
+    lora_dropout: float = arg("Dropout on the LoRA input.", default=0.05, minimum=0, below=1)
     lora_target_modules: list[str] = arg(
         "Module names (or suffixes) that get LoRA adapters; all-linear means every linear layer but the output head.",
         default_factory=lambda: ["all-linear"],
@@ -101,31 +146,38 @@ class TrainConfig:
     # Optimisation
     num_train_epochs: float = arg("Passes over the training data (ignored when --max_steps is set).", default=3.0)
     max_steps: int = arg("Stop after this many optimizer steps; -1 means train for --num_train_epochs.", default=-1)
-    per_device_train_batch_size: int = arg("Examples per device per forward pass.", default=4)
-    gradient_accumulation_steps: int = arg("Forward passes per optimizer step.", default=1)
+    per_device_train_batch_size: int = arg("Examples per device per forward pass.", default=4, positive=True)
+    gradient_accumulation_steps: int = arg("Forward passes per optimizer step.", default=1, positive=True)
     learning_rate: float | None = arg("Peak learning rate. Default: 2e-4 with --use_peft, 2e-5 for full fine-tuning.",
-                                      default=None)
-    warmup_ratio: float = arg("Fraction of the steps spent warming the learning rate up.", default=0.03)
+                                      default=None, positive=True)
+    warmup_ratio: float = arg("Fraction of the steps spent warming the learning rate up.", default=0.03, minimum=0,
+                              below=1)
     gradient_checkpointing: bool = arg(
         "Recompute activations in the backward pass: less memory, about a third more compute.", default=False)
-    seed: int = arg("Random seed for initialisation, shuffling and the validation split.", default=42)
+    seed: int = arg("Random seed for initialisation, shuffling and the validation split.", default=42, minimum=0,
+                    below=2**32)
 
     # Logging, evaluation, checkpoints
-    logging_steps: int = arg("Log the training loss every this many steps.", default=10)
-    save_steps: int = arg("Save a checkpoint every this many steps.", default=500)
-    eval_steps: int | None = arg("Evaluate every this many steps (default: --save_steps).", default=None)
-    save_total_limit: int | None = arg("Keep at most this many checkpoints (oldest deleted first).", default=3)
+    logging_steps: int = arg("Log the training loss every this many steps.", default=10, positive=True)
+    save_steps: int = arg("Save a checkpoint every this many steps.", default=500, positive=True)
+    eval_steps: int | None = arg("Evaluate every this many steps (default: --save_steps).", default=None,
+                                 positive=True)
+    save_total_limit: int = arg("Keep at most this many checkpoints (oldest deleted first); 0 keeps all.", default=3,
+                                minimum=0)
     report_to: list[str] = arg("Experiment trackers to log to: none, tensorboard, wandb.",
                                default_factory=lambda: ["none"])
     resume_from_checkpoint: str | None = arg(
-        "Resume from a checkpoint folder, or 'latest' for the newest checkpoint in --output_dir.", default=None
+        "Resume from a checkpoint folder, or 'latest' for the newest complete checkpoint in --output_dir.",
+        default=None,
     )
-    overwrite_output_dir: bool = arg("Replace the outputs of an earlier run in --output_dir.", default=False)
+    overwrite_output_dir: bool = arg(
+        "Replace the outputs an earlier fnsft run recorded in --output_dir (fnsft_outputs.json); nothing else there "
+        "is touched.", default=False)
     sample_prompts: list[str] = arg(
         "Prompts answered before and after training (greedy); the replies are printed and saved to samples.json.",
         default_factory=list,
     )
-    sample_max_new_tokens: int = arg("Token budget of each sample reply.", default=48)
+    sample_max_new_tokens: int = arg("Token budget of each sample reply.", default=48, positive=True)
 
     # Merge and Hub
     merge_adapter_with_base: bool = arg(
@@ -144,12 +196,15 @@ class TrainConfig:
                                          default=None)
     hub_revision: str | None = arg("Branch to upload to, created from main if missing; main when not given.",
                                    default=None)
-    hub_token: str | None = arg("Hub token; HF_TOKEN in the environment takes precedence. Never written to disk.",
-                                default=None)
+    hub_token: str | None = arg("Hub token. Wins over HF_TOKEN, which wins over the cached `hf auth login` (the order "
+                                "huggingface_hub uses). Never written to disk.", default=None)
 
     def problems(self) -> list[str]:
         """Every rule this configuration breaks, one line each, naming the flag and the fix."""
-        found: list[str] = []
+        found = field_problems(self)
+        for name in ("model_name_or_path", "dataset_name_or_path", "output_dir"):
+            if not getattr(self, name).strip():
+                found.append(f"--{name} is empty; give a path or Hub id.")
         if self.merge_adapter_with_base and not self.use_peft:
             found.append("--merge_adapter_with_base needs --use_peft: full fine-tuning has no adapter to merge; "
                          "add --use_peft or drop --merge_adapter_with_base.")
@@ -163,24 +218,12 @@ class TrainConfig:
         if (self.use_4bit or self.use_8bit) and not self.use_peft:
             flag = "--use_4bit" if self.use_4bit else "--use_8bit"
             found.append(f"{flag} (quantized training) needs --use_peft: quantized weights cannot be trained directly.")
-        for name in ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "max_seq_length", "logging_steps", "save_steps", "sample_max_new_tokens"):
-            if getattr(self, name) <= 0:
-                found.append(f"--{name} must be positive (got {getattr(self, name)}).")
-        if self.eval_steps is not None and self.eval_steps <= 0:
-            found.append(f"--eval_steps must be positive (got {self.eval_steps}).")
+        if not self.lora_target_modules or not all(m.strip() for m in self.lora_target_modules):
+            found.append("--lora_target_modules needs at least one module name (or all-linear).")
         if self.max_steps == 0 or self.max_steps < -1:
             found.append(f"--max_steps must be positive, or -1 to train for --num_train_epochs (got {self.max_steps}).")
-        if self.max_steps == -1 and self.num_train_epochs <= 0:
+        if self.max_steps == -1 and math.isfinite(self.num_train_epochs) and self.num_train_epochs <= 0:
             found.append(f"--num_train_epochs must be positive (got {self.num_train_epochs}).")
-        if not 0 <= self.validation_split < 1:
-            found.append(f"--validation_split must be in [0, 1) (got {self.validation_split}); 0 disables evaluation.")
-        if not 0 <= self.lora_dropout < 1:
-            found.append(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout}).")
-        if not 0 <= self.warmup_ratio < 1:
-            found.append(f"--warmup_ratio must be in [0, 1) (got {self.warmup_ratio}).")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            found.append(f"--learning_rate must be positive (got {self.learning_rate}).")
         unknown_trackers = set(self.report_to) - {"none", "tensorboard", "wandb", "all"}
         if unknown_trackers:
             found.append(f"--report_to: unknown tracker(s) {', '.join(sorted(unknown_trackers))}; "
@@ -188,24 +231,7 @@ class TrainConfig:
         for tracker, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
             if tracker in self.report_to and importlib.util.find_spec(package) is None:
                 found.append(f"--report_to {tracker} needs the {package} package: pip install {package}.")
-        found.extend(self._output_dir_problems())
         return found
-
-    def _output_dir_problems(self) -> list[str]:
-        out = Path(self.output_dir)
-        if out.exists() and not out.is_dir():
-            return [f"--output_dir {out} is a file; name a folder."]
-        if self.resume_from_checkpoint:
-            if self.resume_from_checkpoint != "latest" and not Path(self.resume_from_checkpoint).is_dir():
-                return [f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such checkpoint folder; "
-                        "give a checkpoint-N folder or 'latest'."]
-            if self.resume_from_checkpoint == "latest" and latest_checkpoint(out) is None:
-                return [f"--resume_from_checkpoint latest: no checkpoint-N folder in {out}; start without it."]
-            return []
-        if out.is_dir() and any(out.iterdir()) and not self.overwrite_output_dir:
-            return [f"--output_dir {out} holds an earlier run; add --overwrite_output_dir to replace it, "
-                    "--resume_from_checkpoint latest to continue it, or pick another folder."]
-        return []
 
     @property
     def effective_learning_rate(self) -> float:
@@ -228,18 +254,8 @@ class TrainConfig:
         return values
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether a model or dataset name can only mean a local path: Hub ids are `name` or `owner/name` (dots allowed,
-    as in `Qwen/Qwen2.5-0.5B`), so a missing path is reported as missing instead of being looked up on the Hub."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint-N folder with the highest N, or None."""
-    if not output_dir.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return max(found)[1] if found else None
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing flags and config files
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -258,7 +274,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.required:
+        if getattr(action, "fnsft_required", False):
             return f"{text} (required)"
         if action.default not in (None, False, [], argparse.SUPPRESS) and action.nargs != 0:
             return f"{text} (default: %(default)s)"
@@ -272,77 +288,194 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+class _ConfigOnce(argparse.Action):
+    """--config FILE or --config=FILE, once: a second file would silently hide the first one's values."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest, _UNSET) is not _UNSET:
+            raise UsageError("--config is given twice; merge the files into one, or override single values with "
+                             "flags.")
+        setattr(namespace, self.dest, values)
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
 def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
+    import copy
+    import types
+
     from transformers import HfArgumentParser
+
+    class Builder(HfArgumentParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, dataclass_field):
+            # HfArgumentParser hands a field's metadata to add_argument; the bounds are ours alone.
+            plain = copy.copy(dataclass_field)
+            plain.metadata = types.MappingProxyType({k: v for k, v in dataclass_field.metadata.items() if k != BOUNDS})
+            HfArgumentParser._parse_dataclass_field(parser, plain)
 
     # HfArgumentParser turns typed fields into flags (bools accept `--flag` alone, Literals become choices);
     # it is reused as a builder so that our parser keeps one-line errors.
-    builder = HfArgumentParser(cls)
+    builder = Builder(cls)
     parser = _Parser(prog=prog, usage="%(prog)s [--config FILE.yaml] [--flag VALUE ...]",
                      description=(cls.__doc__ or "").strip() or None, formatter_class=_HelpFormatter)
-    parser.add_argument("--config", metavar="FILE.yaml",
+    parser.add_argument("--config", metavar="FILE.yaml", action=_ConfigOnce,
                         help="YAML file whose keys are flag names; flags on the command line override it.")
     for action in builder._actions:
         if action.dest == "help":
             continue
         if action.option_strings and action.option_strings[0].startswith("--no_"):
             action.help = f"Turn off {action.option_strings[0].replace('--no_', '--')}."
+        # A required value may come from the config file instead; `parse` checks it once both are read.
+        action.fnsft_required = action.required  # type: ignore[attr-defined]
+        action.required = False
         parser._add_action(action)
     return parser
 
 
-def _yaml_to_argv(cls: type, path: str, prog: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file.") from None
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" (line {line + 1})" if line is not None else ""
-        raise UsageError(f"--config {path}: not valid YAML{where}.") from None
-    if loaded is None:
-        return []
-    if not isinstance(loaded, dict):
-        raise UsageError(f"--config {path}: expected a mapping of flag names to values.")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = []
-    for key in loaded:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            unknown.append(f"--config {path}: unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else
-                                                                       f"; see {prog} --help for the keys."))
-    if unknown:
-        raise UsageError(unknown)
-    argv: list[str] = []
-    for key, value in loaded.items():
-        if value is None:
-            continue
-        argv.append(f"--{key}")
-        if isinstance(value, bool):
-            argv.append("true" if value else "false")
-        elif isinstance(value, (list, tuple)):
-            if not value:
-                argv.pop()
-                continue
-            argv.extend(str(v) for v in value)
-        else:
-            argv.append(str(value))
-    return argv
-
-
 def parse(cls: type[T], argv: list[str] | None, prog: str) -> T:
     """Read a config from `--config FILE.yaml` and flags (flags win); reject unknown keys and bad values."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(cls, prog)
-    file_argv: list[str] = []
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise UsageError("--config needs a YAML file path.")
-        file_argv = _yaml_to_argv(cls, argv[index + 1], prog)
-        del argv[index:index + 2]
-    namespace = parser.parse_args(file_argv + argv)
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
-    return cls(**values)
+    import sys
 
+    parser = build_parser(cls, prog)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    # Every field starts unset, so that only what the command line really gave overrides the file.
+    namespace = argparse.Namespace(**{dest: _UNSET for dest in [*actions, "config"]})
+    parser.parse_args(list(sys.argv[1:] if argv is None else argv), namespace)
+    given = {dest: value for dest, value in vars(namespace).items() if value is not _UNSET}
+    config_file = given.pop("config", None)
+    values = read_config_file(config_file, actions, prog) if config_file is not None else {}
+    values.update(given)
+    missing = [f"--{dest} is required (or {dest}: in the --config file)" if config_file else f"--{dest} is required"
+               for dest, action in actions.items() if action.fnsft_required and dest not in values]
+    if missing:
+        raise UsageError([f"{line}; see {prog} --help." for line in missing])
+    cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+    cfg.config_file = config_file
+    return cfg
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load without aliases (an alias bomb expands to gigabytes from a few lines) and without duplicate keys
+    (the later one would silently win)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in fnsft config files",
+                                       problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value
+            if key in seen:
+                raise yaml.MarkedYAMLError(problem=f"key '{key}' appears twice", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_file(path: str, flag: str = "--config") -> Any:
+    """A YAML file's content, or a one-line UsageError naming the file: missing, too large, not YAML, aliases."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(CONFIG_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file.") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag} {path} is a folder; give a YAML file.") from None
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot be read ({exc.strerror}).") from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise UsageError(f"{flag} {path} is larger than {CONFIG_MAX_BYTES >> 20} MiB; a config file holds flag "
+                         "values only.")
+    try:
+        return yaml.load(raw.decode("utf-8"), Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {path}: not UTF-8 text.") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None)
+        raise UsageError(f"{flag} {path}: not valid YAML{where}" + (f": {problem}." if problem else ".")) from None
+    except RecursionError:
+        raise UsageError(f"{flag} {path}: nested too deeply to be a config file.") from None
+
+
+def read_config_file(path: str, actions: dict[str, argparse.Action], prog: str) -> dict[str, Any]:
+    """Field values from a YAML mapping of flag names, each converted with its field's type; every problem listed."""
+    loaded = load_yaml_file(path)
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {_yaml_kind(loaded)}.")
+    problems, values = [], {}
+    for key, value in loaded.items():
+        if not isinstance(key, str) or key not in actions:
+            close = difflib.get_close_matches(str(key), list(actions), n=1)
+            problems.append(f"--config {path}: unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else
+                                                                         f"; see {prog} --help for the keys."))
+            continue
+        if value is None:
+            continue  # `key:` with no value keeps the default
+        try:
+            values[key] = _convert(actions[key], value)
+        except ValueError as exc:
+            problems.append(f"--config {path}: key '{key}' {exc}.")
+    if problems:
+        raise UsageError(problems)
+    return values
+
+
+def _convert(action: argparse.Action, value: Any) -> Any:
+    """A YAML value as the field's type; ValueError says what was expected and what came."""
+    if action.nargs == "+":
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, dict) or any(isinstance(v, (dict, list)) for v in items):
+            raise ValueError(f"expects a list of {_expected(action)} values, got {_yaml_kind(value)}")
+        return [_scalar(action, v) for v in items]
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"expects {_expected(action)}, got {_yaml_kind(value)}")
+    return _scalar(action, value)
+
+
+def _scalar(action: argparse.Action, value: Any) -> Any:
+    is_bool_field = action.nargs == "?" and action.const is True
+    if isinstance(value, bool) and not is_bool_field:
+        raise ValueError(f"expects {_expected(action)}, got {str(value).lower()}")
+    if action.type is int and isinstance(value, float):
+        raise ValueError(f"expects {_expected(action)}, got {value}")
+    if is_bool_field and isinstance(value, bool):
+        return value
+    try:
+        converted = action.type(str(value)) if action.type is not None else str(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"expects {_expected(action)}, got {str(value)!r}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"expects {_expected(action)}, got {str(value)!r}")
+    return converted
+
+
+def _expected(action: argparse.Action) -> str:
+    if action.choices is not None:
+        return "one of " + ", ".join(str(c) for c in action.choices)
+    if action.nargs == "?" and action.const is True:
+        return "true or false"
+    return {int: "a whole number", float: "a number"}.get(action.type, "text")
+
+
+def _yaml_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list" + (" holding a mapping or list" if any(isinstance(v, (dict, list)) for v in value) else "")
+    if isinstance(value, str):
+        return "text"
+    return {bool: "true or false", int: "a number", float: "a number"}.get(type(value), type(value).__name__)

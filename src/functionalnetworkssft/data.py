@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft.config import looks_like_local_path
+from functionalnetworkssft.paths import missing_local
 from functionalnetworkssft.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# What datasets reads from a folder of data files, by suffix; every other file in such a folder is "other".
+FOLDER_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+                ".arrow": "arrow", ".txt": "text"}
+COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
+CHAT_ROLES = ("system", "user", "assistant")
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 PROMPT_COMPLETION_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"))
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -56,7 +61,8 @@ def load(name_or_path: str, config_name: str | None, validation_split: float, se
     fmt = detect_format(_columns(train), name_or_path)
     train = _normalise(train, fmt, name_or_path)
     if validation is not None and len(validation):
-        validation = _normalise(validation, detect_format(_columns(validation), name_or_path), name_or_path)
+        validation = _normalise(validation, detect_format(_columns(validation), name_or_path), name_or_path,
+                                "validation")
     elif validation_split > 0 and len(train) >= 2:
         n_eval = max(1, round(len(train) * validation_split))
         if n_eval >= len(train):
@@ -72,23 +78,31 @@ def _read(name_or_path: str, config_name: str | None) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    why = missing_local(name_or_path)
+    if why:
+        raise DataError(f"{name_or_path}: {why} (expected .json, .jsonl, .csv, .parquet, a folder of them, or a "
+                        "save_to_disk folder).")
     try:
         if path.is_dir():
             if any((path / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
                 loaded = datasets.load_from_disk(str(path))
             else:
                 # A folder of data files (a cloned Hub dataset repo): splits come from the file names.
+                _check_one_file_type(path)
                 loaded = datasets.load_dataset(str(path), config_name)
         elif path.suffix.lower() in FILE_LOADERS:
             if not path.is_file():
                 raise DataError(f"{path}: no such file.")
-            if FILE_LOADERS[path.suffix.lower()] == "json":
+            loader = FILE_LOADERS[path.suffix.lower()]
+            if loader == "json":
                 return {"train": _read_json(path)}
-            loaded = datasets.load_dataset(FILE_LOADERS[path.suffix.lower()], data_files=str(path))
-        elif looks_like_local_path(name_or_path):
-            raise DataError(f"{name_or_path}: no such file or folder (expected .json, .jsonl, .csv, .parquet, or a "
-                            "save_to_disk folder).")
+            if loader == "csv":
+                return {"train": _read_csv(path)}
+            loaded = datasets.load_dataset(loader, data_files=str(path))
+        elif path.exists():
+            raise DataError(f"{path}: not a data file this tool reads (expected .json, .jsonl, .csv, .parquet, a "
+                            "folder of them, or a save_to_disk folder).")
         else:
             loaded = datasets.load_dataset(name_or_path, config_name)
     except DataError:
@@ -100,10 +114,56 @@ def _read(name_or_path: str, config_name: str | None) -> dict[str, Any]:
     return dict(loaded)
 
 
+def _check_one_file_type(folder: Path) -> None:
+    """A folder of data files is read as one type; files of any other type would be silently left out."""
+    kinds: dict[str, list[str]] = {}
+    for file in sorted(folder.rglob("*")):
+        rel = file.relative_to(folder)
+        if not file.is_file() or any(part.startswith(".") for part in rel.parts) \
+                or file.name.upper().startswith(("README", "LICENSE", "LICENCE")) or file.suffix.lower() == ".md":
+            continue
+        suffixes = [x.lower() for x in file.suffixes]
+        if suffixes and suffixes[-1] in COMPRESSION:
+            suffixes = suffixes[:-1]
+        kind = FOLDER_TYPES.get(suffixes[-1] if suffixes else "", "other")
+        kinds.setdefault(kind, []).append(rel.as_posix())
+    readable = {k: v for k, v in kinds.items() if k != "other"}
+    if not readable:
+        raise DataError(f"{folder}: no data files (.json, .jsonl, .csv, .parquet) in the folder.")
+    if len(kinds) > 1:
+        listed = "; ".join(f"{kind}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                           for kind, names in sorted(kinds.items()))
+        raise DataError(f"{folder}: holds files of several types ({listed}), and a folder is read as one type, so "
+                        "the others would be left out; keep one type in the folder, or point "
+                        "--dataset_name_or_path at one file.")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV file as text (a cell "42" stays the text 42); a malformed line is reported by its number."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the dataset is empty (no examples).") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: malformed CSV: {first_line(exc).replace('Error tokenizing data. C error: ', '')}") \
+            from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text.") from None
+    unnamed = [c for c in frame.columns if str(c).startswith("Unnamed:")]
+    if unnamed:
+        raise DataError(f"{path}: the header row has {len(unnamed)} empty column name(s); name every column.")
+    return frame.to_dict("records")
+
+
 def _read_json(path: Path) -> list[dict]:
     """A JSON array of objects, an object wrapping one ({"data": [...]}), or JSON Lines; a malformed line is
     reported with its number."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text.") from None
     stripped = text.lstrip()
     rows = None
     if stripped.startswith(("[", "{")):
@@ -168,58 +228,161 @@ def detect_format(columns: list[str], source: str) -> str:
                     f"{'; '.join(SUPPORTED_FORMATS)}.")
 
 
-def to_messages(row: dict, fmt: str) -> list[dict[str, str]]:
-    """One record as chat messages, system turns kept."""
-    if fmt == "messages":
-        messages = row["messages"]
-        if isinstance(messages, str):  # CSV and parquet exports often hold the list as a JSON string
-            messages = json.loads(messages)
-        return [{"role": str(m["role"]), "content": _text(m.get("content"))} for m in messages]
-    if fmt == "sharegpt":
-        turns = row["conversations"]
-        if isinstance(turns, str):
+class _Unusable(ValueError):
+    """A record that cannot mean what its author intended; `kind` names the problem in the summary."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+# What each problem means, and what is done about it: "error" stops the run (every kind found is listed), "skip"
+# drops the example, "note" keeps it as described. Each is reported once with its count and first example.
+PROBLEMS = {
+    "content_mapping": ("message content that is a mapping, not text", "error"),
+    "content_strings": ('message content that is a list of plain strings; give text, or parts like '
+                        '{"type": "text", "text": "..."}', "error"),
+    "content_list": ("message content that is a list of something other than text parts", "error"),
+    "content_parts": ("message content with non-text parts (images, audio, ...), which text training cannot use",
+                      "error"),
+    "content_bool": ("message content that is true or false, not text", "error"),
+    "malformed_message": ("a message that is not a mapping with a role and content", "error"),
+    "messages_not_list": ("a conversation that is not a list of messages", "error"),
+    "text_not_text": ("a text field that is a list or mapping, not text", "error"),
+    "content_number": ("message content that is a number, trained as its text", "note"),
+    "empty_prompt": ("an empty or null user/system message, kept as empty text", "note"),
+    "empty_reply": ("an empty or null assistant message", "skip"),
+    "empty_text": ("empty or null text", "skip"),
+}
+
+
+class _Tally:
+    """Problems found in one split's records: count and first example of each kind, reported together."""
+
+    def __init__(self, source: str, split: str, total: int):
+        self.source, self.split, self.total = source, split, total
+        self.kinds: dict[str, list[int]] = {}  # kind -> [count, first index]
+
+    def add(self, kind: str, index: int) -> None:
+        entry = self.kinds.setdefault(kind, [0, index])
+        entry[0] += 1
+
+    def report(self, kept: int) -> None:
+        def describe(kind: str) -> tuple[str, str]:
+            if kind.startswith("unknown_role:"):
+                return (f"an unknown role '{kind.split(':', 1)[1]}' (use {', '.join(CHAT_ROLES)}; ShareGPT: "
+                        "human, gpt, system)", "error")
+            return PROBLEMS[kind]
+
+        lines = {"error": [], "skip": [], "note": []}
+        for kind, (count, first) in self.kinds.items():
+            text, severity = describe(kind)
+            lines[severity].append(f"{count} with {text} (first: example {first})")
+        if lines["error"]:
+            raise DataError("\n".join(f"{self.source}: {self.split} data: {line}." for line in lines["error"]))
+        if lines["skip"]:
+            log.warning("%s: skipped %d of %d %s examples: %s.", self.source, self.total - kept, self.total,
+                        self.split, "; ".join(lines["skip"]))
+        for line in lines["note"]:
+            log.warning("%s: %s data: %s.", self.source, self.split, line)
+        if kept == 0:
+            raise DataError(f"{self.source}: no usable {self.split} example is left; see the warnings above.")
+
+
+def to_messages(row: dict, fmt: str, note=lambda kind: None) -> list[dict[str, str]]:
+    """One record as chat messages, system turns kept. Raises _Unusable for content that cannot mean text;
+    `note(kind)` is told of content that was interpreted (a number taken as its text)."""
+    if fmt in ("messages", "sharegpt"):
+        turns = row["messages" if fmt == "messages" else "conversations"]
+        if isinstance(turns, str):  # CSV and parquet exports often hold the list as a JSON string
             turns = json.loads(turns)
+        if not isinstance(turns, list):
+            raise _Unusable("messages_not_list")
         out = []
         for turn in turns:
-            role = turn.get("from", turn.get("role"))
-            if str(role).lower() not in SHAREGPT_ROLES:
-                raise ValueError(f"unknown ShareGPT speaker '{role}' (expected human/gpt/system)")
-            out.append({"role": SHAREGPT_ROLES[str(role).lower()], "content": _text(turn.get("value",
-                                                                                          turn.get("content")))})
+            if not isinstance(turn, dict):
+                raise _Unusable("malformed_message")
+            if fmt == "messages":
+                role, value = turn["role"], turn.get("content")
+                if not isinstance(role, str) or role.lower() not in CHAT_ROLES:
+                    raise _Unusable(f"unknown_role:{role}")
+                role = role.lower()
+            else:
+                speaker = turn.get("from", turn.get("role"))
+                if str(speaker).lower() not in SHAREGPT_ROLES:
+                    raise _Unusable(f"unknown_role:{speaker}")
+                role, value = SHAREGPT_ROLES[str(speaker).lower()], turn.get("value", turn.get("content"))
+            out.append({"role": role, "content": _content(value, note)})
         return out
-    system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    system = [{"role": "system", "content": _content(row["system"], note)}] if row.get("system") else []
     if fmt == "alpaca":
-        user = _text(row["instruction"])
+        user = _content(row["instruction"], note)
         if row.get("input"):
-            user = f"{user}\n\n{_text(row['input'])}"
-        return system + [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row["output"])}]
+            user = f"{user}\n\n{_content(row['input'], note)}"
+        return system + [{"role": "user", "content": user},
+                         {"role": "assistant", "content": _content(row["output"], note)}]
     for prompt, completion in PROMPT_COMPLETION_PAIRS:
         if prompt in row and completion in row:
-            return system + [{"role": "user", "content": _text(row[prompt])},
-                             {"role": "assistant", "content": _text(row[completion])}]
+            return system + [{"role": "user", "content": _content(row[prompt], note)},
+                             {"role": "assistant", "content": _content(row[completion], note)}]
     raise ValueError(f"format {fmt} has no chat form")
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):  # multimodal-style content parts: keep the text ones
-        return "".join(part.get("text", "") for part in value if isinstance(part, dict))
-    return str(value)
+def _content(value: Any, note) -> str:
+    """Message content as text: strings as they are, null as empty, text parts joined; anything else refused."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, bool):
+        raise _Unusable("content_bool")
+    if isinstance(value, (int, float)):
+        note("content_number")
+        return str(value)
+    if isinstance(value, list):
+        if any(isinstance(part, str) for part in value):
+            raise _Unusable("content_strings")
+        if not all(isinstance(part, dict) for part in value):
+            raise _Unusable("content_list")
+        if any(part.get("type", "text") != "text" for part in value):
+            raise _Unusable("content_parts")
+        return "".join(str(part.get("text") or "") for part in value)
+    raise _Unusable("content_mapping")
 
 
-def _normalise(rows, fmt: str, source: str):
-    """Reduce every format to `messages` (or `text`), failing on the first malformed record with its index."""
+def _normalise(rows, fmt: str, source: str, split: str = "training"):
+    """Reduce every format to `messages` (or `text`). Content that cannot mean text stops the run, empty replies
+    are skipped, and both are reported with counts; a structurally malformed record fails with its index."""
     import datasets
 
+    tally = _Tally(source, split, len(rows))
     if fmt == "text":
-        return datasets.Dataset.from_dict({"text": [_text(row.get("text")) for row in rows]})
+        texts, kept_index = [], []
+        for index, row in enumerate(rows):
+            value = row.get("text")
+            if isinstance(value, (list, dict)):
+                tally.add("text_not_text", index)
+            elif value is None or not str(value).strip():
+                tally.add("empty_text", index)
+            else:
+                texts.append(str(value))
+                kept_index.append(index)
+        tally.report(len(texts))
+        return datasets.Dataset.from_dict({"text": texts, "_index": kept_index})
     normalised = []
     for index, row in enumerate(rows):
         try:
-            normalised.append({"messages": to_messages(row, fmt)})
+            messages = to_messages(row, fmt, lambda kind: tally.add(kind, index))
+        except _Unusable as exc:
+            tally.add(exc.kind, index)
+            continue
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"{source}: example {index}: malformed {fmt} record ({first_line(exc)}).") from None
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+            tally.add("empty_reply", index)
+            continue
+        if any(m["role"] != "assistant" and not m["content"].strip() for m in messages):
+            tally.add("empty_prompt", index)
+        normalised.append({"messages": messages, "_index": index})
+    tally.report(len(normalised))
     return datasets.Dataset.from_list(normalised)
 
 
@@ -275,25 +438,36 @@ def _last_turn_segments(tokenizer, messages):
     prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages[: last + 1], tokenize=False)
     if not full.startswith(prompt):
-        return [(full, True)]
+        raise _TemplateNotPrefixStable
     return [(prompt, False), (full[len(prompt):], True)]
 
 
-def tokenize_example(tokenizer, example: dict, train_on_prompt: bool, max_length: int) -> dict[str, list[int]]:
-    """input_ids and assistant_masks (1 = the token is trained) for one normalised example."""
+# Notes tokenize_example leaves on an example; `tokenize` counts them and reports each kind once.
+NOTE_NO_ASSISTANT = "no_assistant"
+NOTE_LAST_TURN = "last_turn_only"
+NOTE_WHOLE = "whole_conversation"
+NOTE_TEMPLATE = "template_error:"
+
+
+def tokenize_example(tokenizer, example: dict, train_on_prompt: bool, max_length: int) -> dict[str, Any]:
+    """input_ids and assistant_masks (1 = the token is trained) for one normalised example, and a `_note` when the
+    example was not tokenized as written (see the NOTE_* kinds)."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     mask: list[int] = []
+    note = ""
     if "text" in example and example.get("text") is not None:
         ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"] + [eos]
         mask = [1] * len(ids)
     else:
         messages = example["messages"]
+        if not any(m["role"] == "assistant" for m in messages) and not train_on_prompt:
+            return {"input_ids": [], "assistant_masks": [], "_note": NOTE_NO_ASSISTANT}
         if has_chat_template(tokenizer):
             try:
-                pieces = _segments(tokenizer, messages)
-            except _TemplateNotPrefixStable:
-                pieces = _last_turn_segments(tokenizer, messages)
+                pieces, note = _template_pieces(tokenizer, messages)
+            except Exception as exc:  # the template's own raise_exception, or any error inside the template
+                return {"input_ids": [], "assistant_masks": [], "_note": NOTE_TEMPLATE + first_line(exc)[:200]}
             for text, trained in pieces:
                 piece = tokenizer(text, add_special_tokens=False)["input_ids"]
                 ids += piece
@@ -303,32 +477,81 @@ def tokenize_example(tokenizer, example: dict, train_on_prompt: bool, max_length
                 piece = tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [eos]
                 ids += piece
                 mask += [int(message["role"] == "assistant")] * len(piece)
-        # EOS closes every example: templates that end a turn with another token still teach the model to stop.
+        if train_on_prompt:
+            mask = [1] * len(ids)
+            note = ""
+        # EOS closes every trained example: templates that end a turn with another token still teach the model
+        # to stop. An example with nothing to train gets none, so it stays empty and is skipped.
         trained_tail = [t for t, m in zip(ids, mask) if m][-8:]
-        if eos is not None and eos not in trained_tail:
+        if eos is not None and any(mask) and eos not in trained_tail:
             ids.append(eos)
             mask.append(1)
     if train_on_prompt:
         mask = [1] * len(ids)
-    return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length]}
+    return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length], "_note": note}
+
+
+def _template_pieces(tokenizer, messages) -> tuple[list[tuple[str, bool]], str]:
+    """(text, trained) pieces by prefix rendering; where the template rewrites earlier turns, only the last
+    assistant turn (NOTE_LAST_TURN), and where even that fails, the whole conversation (NOTE_WHOLE)."""
+    try:
+        return _segments(tokenizer, messages), ""
+    except _TemplateNotPrefixStable:
+        pass
+    if any(m["role"] == "assistant" for m in messages):
+        try:
+            return _last_turn_segments(tokenizer, messages), NOTE_LAST_TURN
+        except _TemplateNotPrefixStable:
+            pass
+    return [(tokenizer.apply_chat_template(messages, tokenize=False), True)], NOTE_WHOLE
 
 
 def tokenize(raw: RawData, tokenizer, max_length: int, train_on_prompt: bool) -> tuple[Any, Any | None]:
-    """Tokenized train and validation sets; examples with nothing to train within max_length are dropped."""
+    """Tokenized train and validation sets. Examples with nothing to train are dropped, and every example that was
+    not tokenized as written is counted and reported; a template that rejects the data stops the run."""
 
     def run(dataset, split: str):
         if dataset is None:
             return None
         tokenized = dataset.map(lambda ex: tokenize_example(tokenizer, ex, train_on_prompt, max_length),
-                                remove_columns=dataset.column_names, desc=f"Tokenizing {split}")
+                                remove_columns=[c for c in dataset.column_names if c != "_index"],
+                                desc=f"Tokenizing {split}")
+        found: dict[str, list] = {}
+        for note, index in zip(tokenized["_note"], tokenized["_index"] if "_index" in tokenized.column_names
+                               else range(len(tokenized))):
+            if note:
+                kind = NOTE_TEMPLATE if note.startswith(NOTE_TEMPLATE) else note
+                found.setdefault(kind, [0, index, note])[0] += 1
+        _report_notes(found, raw.source, split)
         kept = tokenized.filter(lambda ex: any(ex["assistant_masks"]))
-        dropped = len(tokenized) - len(kept)
-        if dropped:
+        truncated = len(tokenized) - len(kept) - found.get(NOTE_NO_ASSISTANT, [0])[0]
+        if truncated:
             log.warning("%s: %d %s example(s) have no assistant tokens within --max_seq_length %d and are skipped.",
-                        raw.source, dropped, split, max_length)
+                        raw.source, truncated, split, max_length)
         if len(kept) == 0:
             raise DataError(f"{raw.source}: no {split} example has assistant tokens to train within "
                             f"--max_seq_length {max_length}; raise it or check the data.")
-        return kept
+        return kept.remove_columns([c for c in ("_note", "_index") if c in kept.column_names])
 
     return run(raw.train, "train"), run(raw.validation, "validation")
+
+
+def _report_notes(found: dict[str, list], source: str, split: str) -> None:
+    if NOTE_TEMPLATE in found:
+        count, first, note = found[NOTE_TEMPLATE]
+        raise DataError(f"{source}: the model's chat template rejects {count} {split} example(s) (first: example "
+                        f"{first}: {note[len(NOTE_TEMPLATE):]}); fix the data, or use a model or template that "
+                        "accepts it.")
+    if NOTE_WHOLE in found:
+        count, first, _ = found[NOTE_WHOLE]
+        raise DataError(f"{source}: in {count} {split} example(s) (first: example {first}) the chat template renders "
+                        "earlier turns differently once later ones follow, so the assistant tokens cannot be told "
+                        "apart from the prompt; add --train_on_prompt to train on whole conversations.")
+    if NOTE_LAST_TURN in found:
+        count, first, _ = found[NOTE_LAST_TURN]
+        log.warning("%s: in %d %s example(s) (first: example %d) the chat template rewrites earlier turns once later "
+                    "ones follow; only the last assistant turn of each is trained.", source, count, split, first)
+    if NOTE_NO_ASSISTANT in found:
+        count, first, _ = found[NOTE_NO_ASSISTANT]
+        log.warning("%s: skipped %d %s example(s) with no assistant turn (first: example %d); add --train_on_prompt "
+                    "to train on them as plain text.", source, count, split, first)

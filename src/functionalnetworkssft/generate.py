@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from functionalnetworkssft import data, modeling
-from functionalnetworkssft.config import arg, parse
-from functionalnetworkssft.errors import FnsftError
+from functionalnetworkssft.config import Options, arg, field_problems, parse
+from functionalnetworkssft.errors import FnsftError, UsageError
+from functionalnetworkssft.weights import DamagedFile, adapter_weights_file, load_tensors, read_adapter_config
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Options):
     """Print a model's reply to a prompt, with the chat template applied (greedy unless --temperature > 0)."""
 
     model: str = arg("A merged or full model folder, an adapter folder (final_model/, adapter/), a .gguf file or a "
                      "Hub id. May also be given as the first positional argument.")
     prompt: str = arg("The user message.")
     system: str | None = arg("Optional system message.", default=None)
-    max_new_tokens: int = arg("Most tokens to generate.", default=128)
-    temperature: float = arg("Sampling temperature; 0 means greedy decoding.", default=0.0)
+    max_new_tokens: int = arg("Most tokens to generate.", default=128, positive=True)
+    temperature: float = arg("Sampling temperature; 0 means greedy decoding.", default=0.0, minimum=0)
     trust_remote_code: bool = arg("Allow model code from the Hub to run.", default=False)
 
 
@@ -29,6 +29,9 @@ def main(argv: list[str] | None, prog: str = "fnsft generate") -> None:
     if argv and not argv[0].startswith("-"):
         argv = ["--model", argv[0], *argv[1:]]
     cfg = parse(GenerateConfig, argv, prog)
+    problems = field_problems(cfg)
+    if problems:
+        raise UsageError(problems)
     model, tokenizer = load_for_inference(cfg.model, cfg.trust_remote_code)
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
         {"role": "user", "content": cfg.prompt}]
@@ -41,19 +44,38 @@ def load_for_inference(name: str, trust_remote_code: bool = False):
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        config = read_adapter_config(path, flag="model")
+        weights = adapter_weights_file(path)
+        try:
+            load_tensors(weights)  # before PEFT reads it: a damaged or code-running file is one line
+        except DamagedFile as exc:
+            raise FnsftError(f"{weights}: {exc}.") from None
         # PEFT records the folder or Hub id the adapter was trained on (for GGUF bases, the converted folder).
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = config.get("base_model_name_or_path")
         if not base:
             raise FnsftError(f"{path}: the adapter does not name its base model.")
         source = modeling.resolve(base)
+        _refuse_remote_code(source, trust_remote_code)
         model = modeling.load_model(source, "auto", trust_remote_code=trust_remote_code)
-        model = PeftModel.from_pretrained(model, str(path))
+        try:
+            model = PeftModel.from_pretrained(model, str(path))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise FnsftError(f"{path}: the adapter does not fit its base model {base} "
+                             f"({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})."
+                             ) from None
         tokenizer = modeling.load_tokenizer(modeling.ModelSource(name, str(path)), trust_remote_code)
     else:
         source = modeling.resolve(name, flag="model")
+        _refuse_remote_code(source, trust_remote_code)
         model = modeling.load_model(source, "auto", trust_remote_code=trust_remote_code)
         tokenizer = modeling.load_tokenizer(source, trust_remote_code)
     return model.eval(), tokenizer
+
+
+def _refuse_remote_code(source: modeling.ModelSource, trust_remote_code: bool) -> None:
+    problem = modeling.remote_code_problem(source, trust_remote_code, flag="model")
+    if problem:
+        raise UsageError(problem)
 
 
 def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, temperature: float = 0.0) -> str:

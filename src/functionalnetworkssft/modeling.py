@@ -11,25 +11,33 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from functionalnetworkssft.config import looks_like_local_path
 from functionalnetworkssft.errors import FnsftError, first_line
+from functionalnetworkssft.paths import missing_local
+from functionalnetworkssft.weights import model_folder_problem
 
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "pkg:"
 
 
+SOURCE_RECORD = "fnsft_source.json"
+HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)")
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the base model is: `path` is a loadable folder or Hub id; `given` is what the user typed."""
+    """Where the base model is: `path` is a loadable folder or Hub id; `given` is what the user typed; `hub_id` is
+    the Hub repository it came from when known (what may be published instead of a local path)."""
 
     given: str
     path: str
+    hub_id: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -48,18 +56,76 @@ def resolve(name_or_path: str, flag: str = "--model_name_or_path") -> ModelSourc
     if name_or_path.startswith(PACKAGE_PREFIX):
         name_or_path = str(_package_file(name_or_path[len(PACKAGE_PREFIX):], flag))
     path = Path(name_or_path).expanduser()
+    why = missing_local(name_or_path, "GGUF file" if path.suffix.lower() == ".gguf" else "model folder or file")
+    if why:
+        raise FnsftError(f"{flag} {given}: {why}.")
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise FnsftError(f"{flag} {given}: no such GGUF file.")
-        return ModelSource(given, str(convert_gguf(path)))
+        folder = convert_gguf(path)
+        return ModelSource(given, str(folder), _recorded_hub_id(folder))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FnsftError(f"{flag} {given}: the folder has no config.json; give a model folder saved with "
                              "save_pretrained, a .gguf file, or a Hub id.")
-        return ModelSource(given, str(path.resolve()))
-    if path.exists() or looks_like_local_path(name_or_path):
-        raise FnsftError(f"{flag} {given}: no such model folder or file.")
-    return ModelSource(given, name_or_path)
+        problem = model_folder_problem(path)
+        if problem:
+            raise FnsftError(f"{flag} {given}: {problem}; re-download or re-save the model.")
+        return ModelSource(given, str(path.resolve()), _recorded_hub_id(path))
+    if path.exists():
+        raise FnsftError(f"{flag} {given}: not a model folder, .gguf file or Hub id.")
+    return ModelSource(given, name_or_path, name_or_path)
+
+
+def _recorded_hub_id(folder: Path) -> str | None:
+    try:
+        record = json.loads((folder / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    hub_id = record.get("hub_id") if isinstance(record, dict) else None
+    return hub_id if isinstance(hub_id, str) else None
+
+
+def gguf_hub_id(gguf: Path) -> str | None:
+    """The Hub repository a GGUF file says it was converted from, if its metadata says so."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(gguf)).fields
+    except Exception:  # an unreadable file fails later, where it is loaded, with its own message
+        return None
+    for key in ("general.source.huggingface.repository", "general.source.url", "general.source.repo_url",
+                "general.repo_url", "general.url"):
+        if key not in fields:
+            continue
+        try:
+            value = str(fields[key].contents())
+        except Exception:
+            continue
+        match = HUB_URL.match(value)
+        if match:
+            return match.group(1)
+        if key.endswith("repository") and re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            return value
+    return None
+
+
+def remote_code_problem(source: ModelSource, trust_remote_code: bool, flag: str = "--model_name_or_path") -> str | None:
+    """A local model whose architecture exists only as Python in its folder cannot load without running that code."""
+    if trust_remote_code or not source.is_local:
+        return None
+    try:
+        config = json.loads((Path(source.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        return None  # transformers has its own implementation and never runs the folder's code
+    return (f"{flag} {source.given}: the model's code ships in its folder (auto_map) and would run on this machine; "
+            "add --trust_remote_code if you trust it.")
 
 
 def _package_file(spec: str, flag: str) -> Path:
@@ -97,7 +163,8 @@ def convert_gguf(gguf: Path) -> Path:
         model.config.name_or_path = gguf.stem
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "fnsft_source.json").write_text(json.dumps({"gguf": gguf.name, "size": stat.st_size}))
+        (staging / SOURCE_RECORD).write_text(json.dumps({"gguf": gguf.name, "size": stat.st_size,
+                                                         "hub_id": gguf_hub_id(gguf)}))
         os.replace(staging, target)
     except Exception as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -113,9 +180,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except Exception as exc:  # OSError, ValueError, tokenizers' own: a damaged or foreign folder, one line
         raise FnsftError(f"--model_name_or_path {source.given}: could not load a tokenizer "
-                         f"({first_line(exc)}).") from exc
+                         f"({_load_failure(exc)}).") from None
     if tokenizer.eos_token_id is None:
         raise FnsftError(f"--model_name_or_path {source.given}: the tokenizer has no EOS token, so the model "
                          "could not learn to stop; set eos_token in its tokenizer_config.json.")
@@ -171,9 +238,21 @@ def load_model(source: ModelSource, dtype, quant=None, trust_remote_code: bool =
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise FnsftError(f"--model_name_or_path {source.given}: could not load the model "
-                         f"({first_line(exc)}).") from exc
+                         f"({_load_failure(exc)}).") from None
+    except Exception as exc:
+        if type(exc).__name__ in ("SafetensorError", "UnpicklingError", "HeaderTooLarge"):
+            raise FnsftError(f"--model_name_or_path {source.given}: its weights cannot be read "
+                             f"({_load_failure(exc)}); re-download or re-save the model.") from None
+        raise
+
+
+def _load_failure(exc: BaseException) -> str:
+    text = first_line(exc)
+    if "trust_remote_code" in str(exc):
+        return "its code ships in the model folder; add --trust_remote_code if you trust it"
+    return text[:300]
 
 
 def quantized_module_names(model) -> list[str]:
@@ -182,3 +261,20 @@ def quantized_module_names(model) -> list[str]:
 
     kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Every --lora_target_modules name must match a layer, as PEFT matches it (the full name or its last parts)."""
+    if targets == ["all-linear"]:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                         or type(m).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")})
+        from functionalnetworkssft.errors import UsageError
+
+        raise UsageError(f"--lora_target_modules: {', '.join(missing)} matches no layer of the model; its linear "
+                         f"layers are {', '.join(linear[:20]) or 'none'} (or use all-linear).")

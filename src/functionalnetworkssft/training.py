@@ -1,7 +1,9 @@
 """`fnsft train`: the whole run, top to bottom.
 
-check flags -> check Hub access -> read data -> load tokenizer, tokenize -> load model -> train -> save final_model/
-and adapter/ -> merge -> upload. Everything that can be rejected is rejected before the model is loaded.
+check flags, output folder and checkpoint -> check Hub access -> hold the output folder -> read data -> load
+tokenizer, tokenize -> load model -> (training starts: record it) train -> save final_model/ and adapter/ -> merge ->
+upload. Everything that can be rejected is rejected before the model is loaded, and nothing is written to the output
+folder before training starts.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft import __version__, data, hub, modeling
-from functionalnetworkssft.config import RUN_OUTPUTS, TRAINING_RECORD, TrainConfig, latest_checkpoint, parse
+from transformers import TrainerCallback
+
+from functionalnetworkssft import __version__, checkpoints, data, hub, modeling
+from functionalnetworkssft.config import TRAINING_RECORD, TrainConfig, parse
 from functionalnetworkssft.errors import FnsftError, UsageError, first_line
+from functionalnetworkssft.outputs import OutputFolder, describe_write_error, read_manifest
+from functionalnetworkssft.paths import looks_like_local_path
 
 
 def main(argv: list[str] | None, prog: str = "fnsft train") -> None:
@@ -23,57 +29,62 @@ def main(argv: list[str] | None, prog: str = "fnsft train") -> None:
 
 
 def run(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
     problems = cfg.problems()
+    folder = OutputFolder(out, writes=_writes(cfg), inputs=_inputs(cfg), overwrite=cfg.overwrite_output_dir,
+                          resuming=bool(cfg.resume_from_checkpoint))
+    resume: checkpoints.Latest | None = None
+    if not problems:  # paths are only worth checking once every flag has a usable value
+        problems += folder.problems()
+        resume_problems, resume = _resume_checkpoint(cfg, out)
+        problems += resume_problems
     if problems:
         raise UsageError(problems)
-    out = Path(cfg.output_dir)
     if cfg.push_to_hub:
         # A missing or read-only token must fail now, not after hours of training.
         hub_token = hub.resolve_token(cfg.hub_token)
         hub.preflight(cfg.hub_repo_id, hub_token, private=cfg.hub_private, revision=cfg.hub_revision)
 
-    raw = data.load(cfg.dataset_name_or_path, cfg.dataset_config_name, cfg.validation_split, cfg.seed)
-    source = modeling.resolve(cfg.model_name_or_path)
-    tokenizer = modeling.load_tokenizer(source, cfg.trust_remote_code)
-    train_set, eval_set = data.tokenize(raw, tokenizer, cfg.max_seq_length, cfg.train_on_prompt)
-    _describe_data(raw, train_set, eval_set, tokenizer)
+    with folder.claim("fnsft train"):
+        raw = data.load(cfg.dataset_name_or_path, cfg.dataset_config_name, cfg.validation_split, cfg.seed)
+        source = modeling.resolve(cfg.model_name_or_path)
+        problem = modeling.remote_code_problem(source, cfg.trust_remote_code)
+        if problem:
+            raise UsageError(problem)
+        tokenizer = modeling.load_tokenizer(source, cfg.trust_remote_code)
+        train_set, eval_set = data.tokenize(raw, tokenizer, cfg.max_seq_length, cfg.train_on_prompt)
+        _describe_data(raw, train_set, eval_set, tokenizer)
 
-    _prepare_output_dir(cfg, out)
-    dtype = modeling.training_dtype(cfg.torch_dtype, source)
-    quant = modeling.quantization_config(cfg.use_4bit, cfg.use_8bit, dtype)
-    model = modeling.load_model(source, dtype, quant, cfg.trust_remote_code)
-    quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
+        dtype = modeling.training_dtype(cfg.torch_dtype, source)
+        quant = modeling.quantization_config(cfg.use_4bit, cfg.use_8bit, dtype)
+        model = modeling.load_model(source, dtype, quant, cfg.trust_remote_code)
+        if cfg.use_peft:
+            modeling.check_lora_targets(model, cfg.lora_target_modules)
+        quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
 
-    samples = {p: {"before": _reply(model, tokenizer, p, cfg.sample_max_new_tokens)} for p in cfg.sample_prompts}
-    trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, quant is not None)
-    resume = str(latest_checkpoint(out)) if cfg.resume_from_checkpoint == "latest" else cfg.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=resume)
-    if eval_set is not None:
-        trainer.evaluate()
+        samples = {p: {"before": _reply(model, tokenizer, p, cfg.sample_max_new_tokens)} for p in cfg.sample_prompts}
+        guard = _RunGuard(folder, _shape_settings(cfg))
+        trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, quant is not None, guard)
 
-    final_dir = out / "final_model"
-    trainer.save_model(str(final_dir))
-    tokenizer.save_pretrained(final_dir)
-    # PEFT's auto-card records local paths and the pickled TrainingArguments is not portable; checkpoints keep it.
-    for stray in ("README.md", "training_args.bin"):
-        (final_dir / stray).unlink(missing_ok=True)
-    record = _training_record(cfg, source, raw, quant, quantized_modules)
-    (final_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    trainer.save_state()
-    _plot_loss(trainer.state.log_history, out / "loss.png")
-    if cfg.use_peft:
-        shutil.copytree(final_dir, out / "adapter", dirs_exist_ok=True)
-    for prompt in samples:
-        samples[prompt]["after"] = _reply(trainer.model, tokenizer, prompt, cfg.sample_max_new_tokens)
-    _report_samples(samples, out)
-    print(f"Training done: {trainer.state.global_step} steps; final model in {final_dir}")
-
-    del trainer, model
-    gc.collect()
-    if cfg.merge_adapter_with_base:
-        _merge(cfg, source, final_dir, out / "merged_model")
+        # Training starts: from here on the folder holds this run, and its record says what the run wrote.
+        folder.begin()
+        try:
+            _write_run_config(cfg, folder.record("run_config.yaml"))
+            resume_path = _announce_resume(resume, folder) if resume is not None else None
+            trainer.train(resume_from_checkpoint=resume_path)
+            if eval_set is not None:
+                trainer.evaluate()
+            final_dir = _save_results(cfg, folder, trainer, tokenizer, source, raw, quant, quantized_modules, samples)
+            del trainer, model
+            gc.collect()
+            if cfg.merge_adapter_with_base:
+                _merge(cfg, source, final_dir, folder.record("merged_model"))
+        except BaseException as exc:
+            folder.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            raise _training_failure(exc, guard, out) from None
+        folder.finish("complete")
     if cfg.push_to_hub:
-        upload = out / "merged_model" if cfg.upload_merged_model else final_dir
+        upload = out / ("merged_model" if cfg.upload_merged_model else "final_model")
         url = hub.push_folder(upload, cfg.hub_repo_id, token=hub_token, private=cfg.hub_private,
                               revision=cfg.hub_revision, commit_message=cfg.hub_commit_message)
         print(f"Uploaded {upload} to {url}")
@@ -81,7 +92,153 @@ def run(cfg: TrainConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Steps
+# Before anything is loaded
+
+
+def _writes(cfg: TrainConfig) -> tuple[str, ...]:
+    """The entries of output_dir this run may create (fnmatch patterns)."""
+    names = ["final_model", "trainer_state.json", "run_config.yaml", "loss.png", "checkpoint-*"]
+    if cfg.use_peft:
+        names.append("adapter")
+    if cfg.merge_adapter_with_base:
+        names.append("merged_model")
+    if cfg.sample_prompts:
+        names.append("samples.json")
+    if {"tensorboard", "all"} & set(cfg.report_to):
+        names.append("runs")  # the Trainer's TensorBoard folder
+    return tuple(names)
+
+
+def _inputs(cfg: TrainConfig) -> dict[str, str]:
+    """The local files and folders this run reads; nothing it writes or removes may contain them."""
+    found = {}
+    for flag, value in (("--dataset_name_or_path", cfg.dataset_name_or_path),
+                        ("--model_name_or_path", cfg.model_name_or_path),
+                        ("--config", cfg.config_file),
+                        ("--resume_from_checkpoint", cfg.resume_from_checkpoint)):
+        if value and value != "latest" and (Path(value).expanduser().exists() or looks_like_local_path(value)):
+            found[flag] = str(Path(value).expanduser())
+    return found
+
+
+def _shape_settings(cfg: TrainConfig) -> dict[str, Any]:
+    if not cfg.use_peft:
+        return {"use_peft": False}
+    return {"use_peft": True, "lora_r": cfg.lora_r, "lora_target_modules": list(cfg.lora_target_modules)}
+
+
+def _resume_checkpoint(cfg: TrainConfig, out: Path) -> tuple[list[str], checkpoints.Latest | None]:
+    """The checkpoint to resume from, or why it cannot be used (incomplete, missing, saved with other shapes)."""
+    given = cfg.resume_from_checkpoint
+    if not given:
+        return [], None
+    if given == "latest":
+        found = checkpoints.latest(out)
+        if found.path is None:
+            skipped = "; ".join(f"{p.name} is incomplete ({why})" for p, why in found.skipped)
+            return [f"--resume_from_checkpoint latest: no complete checkpoint-N folder in {out}"
+                    + (f" ({skipped})" if skipped else "") + "; start without it."], None
+    else:
+        path = Path(given)
+        if not path.is_dir():
+            return [f"--resume_from_checkpoint {given}: no such checkpoint folder; give a checkpoint-N folder or "
+                    "'latest'."], None
+        reason = checkpoints.incomplete_reason(path)
+        if reason is not None:
+            return [f"--resume_from_checkpoint {given}: not a complete Trainer checkpoint ({reason}); give another "
+                    "checkpoint-N folder or 'latest'."], None
+        found = checkpoints.Latest(path, [])
+    return checkpoints.settings_problems(found.path, _shape_settings(cfg)), found
+
+
+def _announce_resume(found: checkpoints.Latest, folder: OutputFolder) -> str:
+    """Say which checkpoint the run continues from; remove this run's own incomplete ones that were skipped, so that
+    the Trainer's rotation can never keep one of them in place of a complete checkpoint."""
+    recorded = set((read_manifest(folder.path) or {}).get("entries", []))
+    for path, why in found.skipped:
+        ours = path.parent == folder.path and path.name in recorded
+        if ours:
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"Skipped {path.name}: incomplete ({why}){'; removed it' if ours else ''}.")
+    print(f"Resuming from {found.path}")
+    return str(found.path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class _Diverged(FnsftError):
+    """A trained weight became NaN or infinite."""
+
+
+class _RunGuard(TrainerCallback):
+    """Keeps the output folder's record, marks each checkpoint complete once saved, and stops a run whose trained
+    weights stop being finite before such weights can be saved."""
+
+    def __init__(self, folder: OutputFolder, settings: dict[str, Any]):
+        self.folder, self.settings = folder, settings
+        self.saving: str | None = None
+        self.last_saved: str | None = None
+
+    def _before_save(self, state, control) -> None:
+        if control.should_save:
+            self.saving = f"checkpoint-{state.global_step}"
+            self.folder.record(self.saving)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._before_save(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._before_save(state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        name = f"checkpoint-{state.global_step}"
+        checkpoints.write_marker(Path(args.output_dir) / name, self.settings)
+        self.saving, self.last_saved = None, name
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        trained = [p.detach() for p in model.parameters() if p.requires_grad] if model is not None else []
+        if not trained:
+            return
+        with torch.no_grad():
+            finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(trained))).all())
+        if not finite:
+            step = state.global_step + 1
+            kept = (f"the newest good checkpoint is {self.last_saved or _newest(Path(args.output_dir))}"
+                    if (self.last_saved or _newest(Path(args.output_dir))) else "no checkpoint was saved")
+            raise _Diverged(f"training diverged at step {step}: a trained weight became NaN or infinite, so the run "
+                            f"stopped before saving it ({kept}). Lower --learning_rate (now {args.learning_rate:g}) "
+                            "or check the data, then start again.")
+
+
+def _newest(out: Path) -> str | None:
+    found = checkpoints.latest(out).path
+    return found.name if found is not None else None
+
+
+def _training_failure(exc: BaseException, guard: _RunGuard, out: Path) -> BaseException:
+    """The exception to report for a failure inside trainer.train: one line for what a user can fix."""
+    if isinstance(exc, (FnsftError, KeyboardInterrupt)):
+        return exc
+    cause = describe_write_error(exc)
+    if cause is None and guard.saving is None:
+        return exc
+    newest = _newest(out)
+    where = f"could not write {out / guard.saving}" if guard.saving else "could not write to the output folder"
+    kept = (f"the newest complete checkpoint is {newest}: resume with --resume_from_checkpoint latest"
+            if newest else "no complete checkpoint was saved")
+    return FnsftError(f"{where}: {cause or first_line(exc)}; {kept}.")
+
+
+def _write_run_config(cfg: TrainConfig, path: Path) -> None:
+    import yaml
+
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"# fnsft train --config {path}  (fnsft {__version__})\n")
+        yaml.safe_dump(cfg.to_yaml_dict(), handle, sort_keys=False)
 
 
 def _describe_data(raw: data.RawData, train_set, eval_set, tokenizer) -> None:
@@ -92,21 +249,7 @@ def _describe_data(raw: data.RawData, train_set, eval_set, tokenizer) -> None:
           f"({raw.format} format, rendered with {template}); {total} tokens, {trained} of them trained.")
 
 
-def _prepare_output_dir(cfg: TrainConfig, out: Path) -> None:
-    """Clear what an earlier run wrote (only with --overwrite_output_dir) and record this run's configuration."""
-    import yaml
-
-    if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint and out.is_dir():
-        for entry in out.iterdir():
-            if entry.name in RUN_OUTPUTS or (entry.is_dir() and entry.name.startswith("checkpoint-")):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "run_config.yaml", "w", encoding="utf-8") as handle:
-        handle.write(f"# fnsft train --config {out / 'run_config.yaml'}  (fnsft {__version__})\n")
-        yaml.safe_dump(cfg.to_yaml_dict(), handle, sort_keys=False)
-
-
-def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quantized: bool):
+def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quantized: bool, guard: _RunGuard):
     import torch
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -138,7 +281,7 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quan
         logging_first_step=True,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=cfg.save_total_limit or None,
         eval_strategy="steps" if evaluating else "no",
         eval_steps=cfg.effective_eval_steps if evaluating else None,
         report_to="none" if cfg.report_to == ["none"] else cfg.report_to,
@@ -155,7 +298,35 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quan
             """TRL's card names no base model; the Hub step writes one with real metadata instead."""
 
     return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                   processing_class=tokenizer, peft_config=peft_config)
+                   processing_class=tokenizer, peft_config=peft_config, callbacks=[guard])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# After training
+
+
+def _save_results(cfg: TrainConfig, folder: OutputFolder, trainer, tokenizer, source: modeling.ModelSource,
+                  raw: data.RawData, quant, quantized_modules: list[str], samples: dict[str, dict[str, str]]) -> Path:
+    """final_model/ (+ its training record), trainer_state.json, loss.png, adapter/, samples.json."""
+    final_dir = folder.record("final_model")
+    trainer.save_model(str(final_dir))
+    tokenizer.save_pretrained(final_dir)
+    # PEFT's auto-card records local paths and the pickled TrainingArguments is not portable; checkpoints keep it.
+    for stray in ("README.md", "training_args.bin"):
+        (final_dir / stray).unlink(missing_ok=True)
+    record = _training_record(cfg, source, raw, quant, quantized_modules)
+    (final_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    folder.record("trainer_state.json")
+    trainer.save_state()
+    _plot_loss(trainer.state.log_history, folder.record("loss.png"))
+    if cfg.use_peft:
+        shutil.copytree(final_dir, folder.record("adapter"), dirs_exist_ok=True)
+    for prompt in samples:
+        samples[prompt]["after"] = _reply(trainer.model, tokenizer, prompt, cfg.sample_max_new_tokens)
+    if samples:
+        _report_samples(samples, folder.record("samples.json"))
+    print(f"Training done: {trainer.state.global_step} steps; final model in {final_dir}")
+    return final_dir
 
 
 def _training_record(cfg: TrainConfig, source: modeling.ModelSource, raw: data.RawData, quant,
@@ -169,6 +340,8 @@ def _training_record(cfg: TrainConfig, source: modeling.ModelSource, raw: data.R
         "fnsft_version": __version__,
         "base_model": source.given,
         "base_model_path": source.path,
+        # The Hub repository of the base where known: what an upload names instead of local paths.
+        "base_model_hub_id": source.hub_id,
         "base_dtype": modeling.checkpoint_dtype(source),
         "dataset": cfg.dataset_name_or_path,
         "dataset_format": raw.format,
@@ -209,10 +382,8 @@ def _reply(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return reply(model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens)
 
 
-def _report_samples(samples: dict[str, dict[str, str]], out: Path) -> None:
-    if not samples:
-        return
-    (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+def _report_samples(samples: dict[str, dict[str, str]], path: Path) -> None:
+    path.write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
     for prompt, replies in samples.items():
         print(f"\nPrompt: {prompt}\n  before training: {replies['before']}\n  after training:  {replies['after']}")
     print()

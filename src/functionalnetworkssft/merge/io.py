@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from functionalnetworkssft.errors import MergeError, UsageError
+from functionalnetworkssft.weights import DamagedFile, read_safetensors_header
 
 ST_TO_TORCH = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -89,13 +90,9 @@ class SafetensorsShard:
     def __init__(self, path: Path):
         self.path = path
         try:
-            with open(path, "rb") as handle:
-                (header_len,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(header_len))
-        except (OSError, struct.error, ValueError) as exc:
-            raise MergeError(f"{path}: not a readable safetensors file ({exc}); re-download the base model.") from None
-        self.data_start = 8 + header_len
-        header.pop("__metadata__", None)
+            header, self.data_start = read_safetensors_header(path)
+        except DamagedFile as exc:
+            raise MergeError(f"{path}: {exc}; re-download the base model.") from None
         self.infos: dict[str, TensorInfo] = {}
         self.offsets: dict[str, tuple[int, int]] = {}
         for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -201,8 +198,10 @@ class BaseWeights:
                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             index = folder / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                names = sorted(set(weight_map.values()))
+                try:
+                    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    raise MergeError(f"{index}: damaged index; re-download the base model.") from None
                 missing = [n for n in names if not (folder / n).is_file()]
                 if missing:
                     raise MergeError(f"{index}: shard {missing[0]} is missing; re-download the base model.")

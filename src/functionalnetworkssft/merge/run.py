@@ -1,0 +1,285 @@
+"""`fnsft merge`: the merge from start to end. Check flags and inputs, hold the target, read the adapter and the
+base's layout, plan, write into a staging folder, verify, rename into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD, Options, arg, field_problems, parse
+from functionalnetworkssft.errors import FnsftError, MergeError, UsageError, first_line
+from functionalnetworkssft.merge.adapter import Adapter, load_adapter, read_adapter_config
+from functionalnetworkssft.merge.io import BaseWeights, parse_size, sha256_file
+from functionalnetworkssft.merge.plan import _resolve, build_plan
+from functionalnetworkssft.merge.qlora import read_training_record
+from functionalnetworkssft.merge.report import MergeReport
+from functionalnetworkssft.merge.write import DTYPES, move_into_place, write_merged
+from functionalnetworkssft.outputs import FolderLock, describe_write_error
+from functionalnetworkssft.paths import missing_local, within
+from functionalnetworkssft.weights import model_folder_problem
+
+
+@dataclass
+class MergeConfig(Options):
+    """Merge a PEFT LoRA adapter into its base model, streaming one tensor at a time, and verify the result."""
+
+    adapter_path: str = arg("Folder of the PEFT LoRA adapter (adapter_config.json + adapter weights).")
+    output_dir: str = arg("Folder for the merged model; written beside it first and renamed into place when done.")
+    base_model_name_or_path: str | None = arg(
+        "Base model folder or Hub id. Default: base_model_name_or_path from adapter_config.json.", default=None)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
+        "Dtype of the merged floating-point tensors. auto keeps each tensor's own dtype (no fp32 blow-up).",
+        default="auto")
+    max_shard_size: str = arg("Largest output shard, e.g. 5GB (10^9 bytes) or 2GiB.", default="5GB")
+    verify: Literal["auto", "on", "off"] = arg(
+        "Compare the merged model with base+adapter on probe inputs after writing. auto: when both fit in memory.",
+        default="auto")
+    device: Literal["cpu", "cuda"] = arg("Where deltas are computed and verification runs.", default="cpu")
+    qlora_merge_base: Literal["original", "dequantized"] = arg(
+        "For adapters trained on a 4/8-bit base (fnsft_training.json): merge into the original weights, or into "
+        "the quantization round trip of exactly the layers that were quantized in training.", default="original")
+    trust_remote_code: bool = arg("Allow model code from the base's repository to run (to read its architecture).",
+                                  default=False)
+
+
+def _resolve_base(name: str, trust_remote_code: bool) -> Path:
+    path = Path(name).expanduser()
+    why = missing_local(name, "model folder")
+    if why:
+        raise UsageError(f"--base_model_name_or_path {name}: {why}.")
+    if path.is_dir():
+        problem = model_folder_problem(path) if (path / "config.json").is_file() else "it has no config.json"
+        if problem:
+            raise MergeError(f"--base_model_name_or_path {name}: {problem}; re-download or re-save the base model.")
+        return path
+    if path.exists():
+        raise UsageError(f"--base_model_name_or_path {name}: not a model folder.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                               "*.jinja", "*.py", "*.tiktoken"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin", "*.model", "*.txt", "*.py"]))
+        return folder
+    except Exception as exc:  # network, auth, missing repo: all become one actionable line
+        raise MergeError(f"--base_model_name_or_path {name}: not a local folder and could not be downloaded from "
+                         f"the Hugging Face Hub ({type(exc).__name__}); pass a local model folder.") from None
+
+
+def _skeleton(base_dir: Path, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MergeError(f"{base_dir}: cannot read the model's architecture ({first_line(exc)}); "
+                         "add --trust_remote_code for models with custom code.") from None
+    return config, model
+
+
+def _usage_problems(dtype, verify, device, qlora_merge_base, max_shard_size) -> list[str]:
+    problems = []
+    if dtype != "auto" and dtype not in DTYPES:
+        problems.append(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16.")
+    if verify not in ("auto", "on", "off"):
+        problems.append(f"--verify {verify}: choose auto, on or off.")
+    if device not in ("cpu", "cuda"):
+        problems.append(f"--device {device}: choose cpu or cuda.")
+    elif device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device is visible; use --device cpu.")
+    if qlora_merge_base not in ("original", "dequantized"):
+        problems.append(f"--qlora_merge_base {qlora_merge_base}: choose original or dequantized.")
+    try:
+        parse_size(max_shard_size)
+    except UsageError as exc:
+        problems.extend(exc.problems)
+    return problems
+
+
+def _output_problem(output: Path, inputs: dict[str, Path]) -> str | None:
+    """Why the merged model may not go to `output`: a file, a foreign folder, or a folder holding an input."""
+    if output.exists() and not output.is_dir():
+        return f"--output_dir {output} is a file; name a folder."
+    for flag, path in inputs.items():
+        if within(path, output) or within(output, path):
+            return f"--output_dir {output} overlaps {flag} {path}; choose a new folder for the merged model."
+    if not output.is_dir() or not any(output.iterdir()):
+        return None
+    try:
+        report = json.loads((output / MERGE_REPORT).read_text())
+    except (OSError, ValueError):
+        report = None
+    if not isinstance(report, dict):
+        return f"--output_dir {output} exists and is not an earlier merge; choose a new or empty folder."
+    written = report.get("files")
+    if isinstance(written, list):
+        extra = sorted({p.name for p in output.iterdir()} - set(written))
+        if extra:
+            return (f"--output_dir {output} is an earlier merge that now also holds {', '.join(extra[:5])}, which "
+                    "the merge did not write and would delete; move them away or choose another folder.")
+    return None
+
+
+def _clear_leftovers(output: Path) -> None:
+    """Staging and replaced folders of interrupted merges into the same target. Only called while holding the
+    target's lock, so none of them belongs to a merge still running."""
+    for pattern in (f".{output.name}.partial-*", f".{output.name}.replaced-*"):
+        for stale in output.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _read_base_config(base_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise MergeError(f"{base_dir / 'config.json'}: missing or not valid JSON; re-download the base model.") \
+            from None
+    if not isinstance(config, dict):
+        raise MergeError(f"{base_dir / 'config.json'}: not a JSON object; re-download the base model.")
+    return config
+
+
+def _hash_inputs(base: BaseWeights, adapter: Adapter) -> dict[str, Any]:
+    return {"base_files": {p.name: sha256_file(p) for p in base.files},
+            "adapter_files": {p.name: sha256_file(p) for p in adapter.files}}
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, base_model: str | None = None,
+                  dtype: str = "auto", max_shard_size: str = "5GB", verify: str = "auto", device: str = "cpu",
+                  qlora_merge_base: str = "original", trust_remote_code: bool = False) -> MergeReport:
+    """Merge the LoRA adapter in adapter_dir into its base; write a complete model folder to output_dir."""
+    started = time.perf_counter()
+    problems = _usage_problems(dtype, verify, device, qlora_merge_base, max_shard_size)
+    if problems:
+        raise UsageError(problems)
+    adapter_dir, output = Path(adapter_dir), Path(output_dir)
+    adapter_config = read_adapter_config(adapter_dir)
+    base_name = base_model or adapter_config.get("base_model_name_or_path")
+    if not base_name:
+        raise UsageError(f"{adapter_dir / 'adapter_config.json'} names no base model; pass --base_model_name_or_path.")
+    inputs = {"--adapter_path": adapter_dir}
+    if Path(str(base_name)).expanduser().exists():
+        inputs["--base_model_name_or_path"] = Path(str(base_name)).expanduser()
+    problem = _output_problem(output, inputs)
+    if problem:
+        raise UsageError(problem)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FnsftError(f"--output_dir {output}: cannot create {output.parent} ({exc.strerror}).") from None
+    with FolderLock(output.parent / f".{output.name}.fnsft.lock", "fnsft merge", output):
+        problem = _output_problem(output, inputs)  # again, now that no other merge can be writing it
+        if problem:
+            raise UsageError(problem)
+        _clear_leftovers(output)
+        return _merge_locked(adapter_dir, adapter_config, str(base_name), output, started, dtype=dtype,
+                             max_shard_size=max_shard_size, verify=verify, device=device,
+                             qlora_merge_base=qlora_merge_base, trust_remote_code=trust_remote_code)
+
+
+def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: str, output: Path, started: float, *,
+                  dtype: str, max_shard_size: str, verify: str, device: str, qlora_merge_base: str,
+                  trust_remote_code: bool) -> MergeReport:
+    base_dir = _resolve_base(base_name, trust_remote_code)
+    raw_config = _read_base_config(base_dir)
+    if raw_config.get("quantization_config"):
+        method = (raw_config["quantization_config"] or {}).get("quant_method", "unknown") \
+            if isinstance(raw_config["quantization_config"], dict) else "unknown"
+        raise MergeError(f"{base_dir} is a pre-quantized checkpoint ({method}); merging into quantized weights "
+                         "loses the adapter. Pass the original 16/32-bit model as --base_model_name_or_path.")
+    model_config, skeleton = _skeleton(base_dir, trust_remote_code)
+    modules = dict(skeleton.named_modules())
+    out_layer = skeleton.get_output_embeddings()
+    out_name = next((n for n, m in modules.items() if m is out_layer), None) if out_layer is not None else None
+    quant = read_training_record(adapter_dir, modules, out_name)
+    if qlora_merge_base == "dequantized" and quant is None:
+        raise UsageError(f"--qlora_merge_base dequantized: {adapter_dir} has no {TRAINING_RECORD} recording a "
+                         "4bit/8bit training base; drop the flag to merge into the original weights.")
+    adapter = load_adapter(adapter_dir, adapter_config, modules)
+    torch_device = torch.device(device)
+
+    base = BaseWeights(base_dir)
+    hasher = ThreadPoolExecutor(max_workers=1)
+    hashes = hasher.submit(_hash_inputs, base, adapter)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    try:
+        plan = build_plan(base, adapter, skeleton, model_config,
+                          quant if qlora_merge_base == "dequantized" else None, torch_device)
+        report = write_merged(plan, base, adapter, staging, base_dir, dtype, parse_size(max_shard_size),
+                              torch_device)
+        report.base_model, report.adapter_path, report.output_dir = str(base_name), str(adapter_dir), str(output)
+        if quant is not None:
+            report.qlora = {"quantization": quant.quantization, "merge_base": qlora_merge_base,
+                            "quantized_modules": len(quant.modules), "quantized_modules_inferred": quant.inferred,
+                            "quant_type": quant.quant_type if quant.quantization == "4bit" else None,
+                            "double_quant": quant.double_quant if quant.quantization == "4bit" else None,
+                            "blocksize": quant.blocksize if quant.quantization == "4bit" else None}
+        report.inputs = hashes.result()
+        report.verification = _maybe_verify(verify, staging, base_dir, adapter_dir, base, plan, quant,
+                                            qlora_merge_base, skeleton, report, torch_device, trust_remote_code)
+        report.seconds = round(time.perf_counter() - started, 3)
+        (staging / MERGE_REPORT).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        if report.verification.get("status") == "failed":
+            raise MergeError(f"verification failed, nothing written to {output}: {report.summary()}")
+        move_into_place(staging, output)
+        return report
+    except (OSError, RuntimeError) as exc:
+        cause = describe_write_error(exc)
+        if cause is None:
+            raise
+        raise MergeError(f"could not write the merged model: {cause}; nothing was written to {output}.") from None
+    finally:
+        hasher.shutdown(wait=True)
+        base.close()
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _maybe_verify(verify, staging, base_dir, adapter_dir, base, plan, quant, qlora_merge_base, skeleton, report,
+                  device, trust_remote_code) -> dict[str, Any]:
+    if verify == "off":
+        return {"status": "off"}
+    import psutil
+
+    params = sum(base.info(n).numel for n in base.names())
+    need = 2 * 4 * params + (2 << 30)  # two float32 models plus working room
+    available = psutil.virtual_memory().available
+    if verify == "auto" and need > 0.8 * available:
+        return {"status": "skipped", "reason": f"needs about {need / 2**30:.1f} GiB of RAM, {available / 2**30:.1f} "
+                                               "GiB available; pass --verify on to force it"}
+    from functionalnetworkssft.merge.verify import verify_merge
+
+    patches = {}
+    if quant is not None and qlora_merge_base == "dequantized":
+        prefix = getattr(skeleton, "base_model_prefix", "") or ""
+        for module in quant.modules:
+            disk = _resolve(base, f"{module}.weight", prefix)
+            patches[f"{module}.weight"] = quant.roundtrip(base.read(disk))
+    lowest = report.dtype if report.dtype in ("bfloat16", "float16") else "float32"
+    return verify_merge(staging, base_dir, adapter_dir, output_dtype=lowest, vocab_size=plan.vocab_size,
+                        patches=patches, device=device, trust_remote_code=trust_remote_code)
+
+
+def main(argv: list[str] | None, prog: str = "fnsft merge") -> None:
+    config = parse(MergeConfig, argv, prog)
+    problems = field_problems(config)
+    if problems:
+        raise UsageError(problems)
+    report = merge_adapter(config.adapter_path, config.output_dir, base_model=config.base_model_name_or_path,
+                           dtype=config.dtype, max_shard_size=config.max_shard_size, verify=config.verify,
+                           device=config.device, qlora_merge_base=config.qlora_merge_base,
+                           trust_remote_code=config.trust_remote_code)
+    print(report.summary())

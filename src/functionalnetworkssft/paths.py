@@ -1,0 +1,44 @@
+"""What a name on the command line can mean: a local path or a Hub id, and whether one path lies inside another."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model or dataset name can only mean a local path: Hub ids are `name` or `owner/name` (dots allowed,
+    as in `Qwen/Qwen2.5-0.5B`), so a missing path is reported as missing instead of being looked up on the Hub."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def dangling_link(name: str) -> bool:
+    """A symlink (or a path through one) that resolves nowhere: a loop or a missing target. Such a name is a local
+    path the user meant, never a Hub id to look up."""
+    path = Path(name).expanduser()
+    try:
+        path.resolve(strict=True)
+        return False
+    except RuntimeError:  # a symlink loop (Python < 3.13)
+        return True
+    except OSError:
+        return os.path.lexists(path) or any(os.path.islink(p) for p in path.parents if str(p) not in ("", "."))
+
+
+def missing_local(name: str, what: str = "file or folder") -> str | None:
+    """Why `name` is a local path that cannot be used (None when it exists or may be a Hub id)."""
+    path = Path(name).expanduser()
+    if dangling_link(name):
+        return "is a symbolic link that resolves nowhere (a loop or a missing target)"
+    if not path.exists() and looks_like_local_path(name):
+        return f"no such {what}"
+    return None
+
+
+def within(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` is `folder` or lies inside it, after resolving links (so no alias escapes the check)."""
+    try:
+        path, folder = Path(path).resolve(), Path(folder).resolve()
+    except (OSError, RuntimeError):
+        return False
+    return path == folder or folder in path.parents
