@@ -112,6 +112,10 @@ CONVERSATIONS = [
 ]
 
 
+# One fixed reply to varied prompts: a task a tiny model can learn in a few dozen steps.
+TOY = [{"prompt": f"Tell me about item {i}.", "completion": "It is blue."} for i in range(40)]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import TOY  # noqa: F401 - re-exported for the hostile tests
 from functionalnetworkssft.cli import main
-
-# Examples of one fixed reply to varied prompts: a task a tiny model can learn in a few steps.
-TOY = [{"prompt": f"Tell me about item {i}.", "completion": "It is blue."} for i in range(40)]
 
 
 def cli(capsys, *argv: str) -> tuple[int, list[str], str]:
@@ -35,6 +33,27 @@ def run_fnsft(*argv: str, env: dict | None = None, code: str | None = None, time
     script = code or "import sys\nfrom functionalnetworkssft.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.run([sys.executable, "-c", script, *[str(a) for a in argv]], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+
+
+def train_with_callback(callback: str) -> str:
+    """A script that runs `fnsft train ARGV` with one more Trainer callback, defined by `callback` (Python source of
+    a class named Callback): the way a test reaches into a real training process at a chosen moment."""
+    return f"""
+import os, signal, sys, time
+from transformers import TrainerCallback
+import trl
+
+{callback}
+
+original_init = trl.SFTTrainer.__init__
+def patched(self, *a, **k):
+    original_init(self, *a, **k)
+    self.add_callback(Callback())
+trl.SFTTrainer.__init__ = patched
+
+from functionalnetworkssft.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from hostile import TOY, cli, error_lines, listing, no_traceback, one_line
+from hostile import TOY, cli, error_lines, listing, no_traceback, one_line, train_with_callback
 
 
 def train_args(model, data, out, *extra):
@@ -136,25 +136,12 @@ def test_a_read_only_output_folder_is_refused_up_front(tiny_llama, tmp_path, cap
     assert listing(read_only) == []
 
 
-PAUSE_IN_TRAINING = """
-import os, sys, time
-from transformers import TrainerCallback
-import trl
-
-class Pause(TrainerCallback):
+PAUSE_IN_TRAINING = train_with_callback("""
+class Callback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         print("training", flush=True)
         time.sleep(600)
-
-original_init = trl.SFTTrainer.__init__
-def patched(self, *a, **k):
-    original_init(self, *a, **k)
-    self.add_callback(Pause())
-trl.SFTTrainer.__init__ = patched
-
-from functionalnetworkssft.cli import main
-sys.exit(main(["train", *sys.argv[1:]]))
-"""
+""")
 
 
 def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_run_leaves_it_usable(tiny_llama, tmp_path, capsys):

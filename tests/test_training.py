@@ -12,11 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import TOY, write_jsonl
+from hostile import train_with_callback
 from functionalnetworkssft.cli import main
 
-# One fixed reply to varied prompts: a task a tiny model can learn in a few dozen steps.
-TOY = [{"prompt": f"Tell me about item {i}.", "completion": "It is blue."} for i in range(40)]
 
 
 def train(*args: str) -> int:
@@ -92,25 +91,12 @@ def test_existing_validation_split_is_used(tiny_gpt2, tmp_path):
     assert any("eval_loss" in h for h in history)
 
 
-KILL_AT_SAVE = """
-import os, signal, sys
-from transformers import TrainerCallback
-import trl
-
-class KillAfterSave(TrainerCallback):
+KILL_AT_SAVE = train_with_callback("""
+class Callback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == int(os.environ["KILL_AT_STEP"]):
             os.kill(os.getpid(), signal.SIGKILL)
-
-original_init = trl.SFTTrainer.__init__
-def patched(self, *a, **k):
-    original_init(self, *a, **k)
-    self.add_callback(KillAfterSave())
-trl.SFTTrainer.__init__ = patched
-
-from functionalnetworkssft.cli import main
-sys.exit(main(["train", *sys.argv[1:]]))
-"""
+""")
 
 
 def test_a_killed_run_resumes_to_the_same_final_step_and_weights(tiny_llama, tmp_path):

@@ -166,5 +166,5 @@ def _normal(value: Any) -> Any:
 
 def _shown(value: Any) -> str:
     if isinstance(value, bool):
-        return "on" if value else "off"
+        return "true" if value else "false"
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)

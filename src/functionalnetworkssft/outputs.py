@@ -164,7 +164,9 @@ class OutputFolder:
         recorded = set(manifest["entries"]) if manifest else set()
         present = {p.name for p in out.iterdir()}
         found = []
-        foreign = sorted(name for name in present - recorded - {MANIFEST, LOCK_NAME}
+        # Resuming declares the folder's checkpoints part of the run being continued, whoever wrote them.
+        adopted = {n for n in present if fnmatch(n, "checkpoint-*")} if self.resuming else set()
+        foreign = sorted(name for name in present - recorded - adopted - {MANIFEST, LOCK_NAME}
                          if any(fnmatch(name, pattern) for pattern in self.writes))
         if foreign:
             shown = ", ".join(f"{n}/" if (out / n).is_dir() else n for n in foreign[:6])
@@ -230,7 +232,9 @@ class OutputFolder:
         """Training starts: clear what an earlier run recorded (with --overwrite_output_dir), start this run's record."""
         manifest = read_manifest(self.path) or {"entries": []}
         previous = [e for e in manifest["entries"] if (self.path / e).exists() or os.path.islink(self.path / e)]
-        if not self.resuming:
+        if self.resuming:
+            previous += [p.name for p in self.path.glob("checkpoint-*") if p.name not in previous]
+        else:
             for name in previous:
                 if name in (MANIFEST, LOCK_NAME):
                     continue
