@@ -4,11 +4,12 @@ one line each, exit status 2, before anything is read or written."""
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 import pytest
 
 from conftest import write_jsonl
-from functionalnetworkssft.config import TrainConfig, parse
+from functionalnetworkssft.config import TrainConfig, load_yaml_file, parse
 from functionalnetworkssft.errors import UsageError
 from hostile import cli, one_line
 
@@ -67,10 +68,15 @@ def test_an_alias_bomb_is_refused_at_once(tmp_path, capsys):
         name = chr(ord("a") + level % 26) * (1 + level // 26)
         lines.append(f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]")
     lines.append(f"sample_prompts: *{name}")
-    path = config(tmp_path, "\n".join(lines) + "\n")
+    path = config(tmp_path, "\n".join(lines) + "\n")  # 8^29 strings once expanded
+    tracemalloc.start()
     started = time.perf_counter()
+    with pytest.raises(UsageError, match=r"aliases \(\*name\) are not allowed"):
+        load_yaml_file(str(path))
+    seconds, (_, peak) = time.perf_counter() - started, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert seconds < 2 and peak < 16 << 20, (seconds, peak)
     code, errors, _ = cli(capsys, "train", "--config", path)
-    assert time.perf_counter() - started < 5
     assert code == 2
     one_line(errors, str(path), "aliases (*name) are not allowed")
 

@@ -178,3 +178,14 @@ def test_a_symlink_loop_is_named_and_never_looked_up_on_the_hub(tmp_path, capsys
         one_line(errors, "loop: is a symbolic link that resolves nowhere (a loop or a missing target)")
     with pytest.raises(DataError, match="resolves nowhere"):
         data.load(str(json_loop), None, validation_split=0, seed=0)
+
+
+def test_json_nested_beyond_reason_is_one_line(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply to be a dataset"):
+        data.load(str(deep), None, validation_split=0, seed=0)
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text('{"text": "ok"}\n' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "\n")
+    with pytest.raises(DataError, match="line 2: nested too deeply"):
+        data.load(str(lines), None, validation_split=0, seed=0)

@@ -166,3 +166,42 @@ def test_an_unexpected_failure_is_one_line_with_the_traceback_kept(monkeypatch, 
     log = Path(re.search(r"the traceback is in (\S+),", line).group(1))
     assert "Traceback" in log.read_text() and "second line" in log.read_text()
     log.unlink()
+
+
+def test_an_adapter_holding_nan_is_refused_by_the_merge(adapter, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-adapter"
+    shutil.copytree(adapter, broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, broken / "adapter_model.safetensors")
+    code, errors, _ = cli(capsys, "merge", "--adapter_path", broken, "--output_dir", tmp_path / "merged")
+    assert code == 1
+    one_line(errors, "hold NaN or infinite values", "diverged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_config_that_asks_for_more_weights_than_the_checkpoint_holds_is_refused(tiny_llama, tmp_path, capsys):
+    folder = tmp_path / "more-layers"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # the weights hold 2: transformers would start layer 2 from random values
+    (folder / "config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:4])
+    code, errors, _ = cli(capsys, "train", "--model_name_or_path", folder, "--dataset_name_or_path", data,
+                          "--output_dir", tmp_path / "out")
+    assert code == 1
+    one_line(errors, "the checkpoint lacks", "(first: model.layers.2.", "config.json does not match its weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_template_that_does_not_compile_is_one_line_in_generate(tiny_llama, tmp_path, capsys):
+    folder = tmp_path / "bad-template"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    code, errors, _ = cli(capsys, "generate", folder, "--prompt", "hi", "--max_new_tokens", "2")
+    assert code == 1
+    one_line(errors, "the model's chat template cannot render this conversation: unexpected '}'")

@@ -108,3 +108,15 @@ def test_a_gguf_that_names_its_source_repository_gives_the_hub_id(tmp_path):
     assert gguf_hub_id(write(tmp_path / "b.gguf", **{"general.name": "Smollm2 135M"})) is None
     (tmp_path / "c.gguf").write_bytes(b"not a gguf")
     assert gguf_hub_id(tmp_path / "c.gguf") is None
+
+
+def test_a_link_to_a_file_outside_the_folder_is_never_uploaded(hub_server, tiny_llama, tmp_path):
+    from test_merge import make_adapter
+
+    folder = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private notes")
+    (folder / "notes.txt").symlink_to(secret)
+    with pytest.raises(FnsftError, match="is a link to .*secret.txt, outside .*; refusing to upload"):
+        hub.push_folder(folder, "alice/linked", token=hub_server.token)
+    assert hub_server.calls("commit") == [] and hub_server.repo("alice/linked") is None

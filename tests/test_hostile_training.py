@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -29,3 +30,22 @@ def test_a_diverging_run_stops_before_saving_bad_weights_and_keeps_the_good_chec
     weights = load_file(out / "checkpoint-1" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert json.loads((out / "fnsft_outputs.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_model_trains_on_cpu_without_gpu_mixed_precision(tiny_llama, tmp_path, capsys, dtype):
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    code, errors, _ = cli(capsys, "train", "--model_name_or_path", tiny_llama, "--dataset_name_or_path", data,
+                          "--output_dir", tmp_path / "out", "--use_peft", "--max_steps", "1", "--validation_split",
+                          "0", "--torch_dtype", dtype)
+    assert code == 0, errors
+
+
+def test_a_combination_the_trainer_refuses_is_one_usage_line(tiny_llama, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    code, errors, _ = cli(capsys, "train", "--model_name_or_path", tiny_llama, "--dataset_name_or_path", data,
+                          "--output_dir", tmp_path / "out", "--use_peft", "--lora_target_modules", "lm_head",
+                          "--max_steps", "1")
+    assert code == 2
+    one_line(errors, "the trainer refused this configuration: Applying a PEFT adapter to `lm_head` is not supported")
+    assert not (tmp_path / "out").exists()

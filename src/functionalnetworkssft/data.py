@@ -169,6 +169,8 @@ def _read_json(path: Path) -> list[dict]:
     if stripped.startswith(("[", "{")):
         try:
             whole = json.loads(text)
+        except RecursionError:
+            raise DataError(f"{path}: nested too deeply to be a dataset.") from None
         except json.JSONDecodeError as exc:
             if stripped.startswith("["):
                 raise DataError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg}).") from None
@@ -183,6 +185,8 @@ def _read_json(path: Path) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: line {number}: invalid JSON ({exc.msg}).") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {number}: nested too deeply to be an example.") from None
     if not rows:
         raise DataError(f"{path}: the dataset is empty (no examples).")
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
@@ -397,7 +401,11 @@ def has_chat_template(tokenizer) -> bool:
 def render_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation ready for the assistant's next reply, as at inference."""
     if has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template that does not compile, or raises on these messages
+            raise DataError(f"the model's chat template cannot render this conversation: {first_line(exc)}; fix "
+                            "the template (chat_template.jinja) or the messages.") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     # No template (GPT-2, DialoGPT): turns are joined by EOS, as DialoGPT was trained.
     ids: list[int] = []

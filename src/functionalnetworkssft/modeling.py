@@ -182,7 +182,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, tokenizers' own: a damaged or foreign folder, one line
         raise FnsftError(f"--model_name_or_path {source.given}: could not load a tokenizer "
-                         f"({_load_failure(exc)}).") from None
+                         f"({_load_failure(exc)}); re-download or re-save its tokenizer files.") from None
     if tokenizer.eos_token_id is None:
         raise FnsftError(f"--model_name_or_path {source.given}: the tokenizer has no EOS token, so the model "
                          "could not learn to stop; set eos_token in its tokenizer_config.json.")
@@ -237,7 +237,7 @@ def load_model(source: ModelSource, dtype, quant=None, trust_remote_code: bool =
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     try:
-        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source.path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise FnsftError(f"--model_name_or_path {source.given}: could not load the model "
                          f"({_load_failure(exc)}).") from None
@@ -246,6 +246,14 @@ def load_model(source: ModelSource, dtype, quant=None, trust_remote_code: bool =
             raise FnsftError(f"--model_name_or_path {source.given}: its weights cannot be read "
                              f"({_load_failure(exc)}); re-download or re-save the model.") from None
         raise
+    # transformers fills weights missing from the checkpoint with random values and only logs it: training on
+    # such a model is training garbage, so a config that asks for more than the weights hold is refused.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise FnsftError(f"--model_name_or_path {source.given}: the checkpoint lacks {len(missing)} weight(s) its "
+                         f"config.json asks for (first: {missing[0]}), which would start random; the folder is "
+                         "incomplete or its config.json does not match its weights.")
+    return model
 
 
 def _load_failure(exc: BaseException) -> str:

@@ -252,7 +252,12 @@ class OutputFolder:
         return self.path / name
 
     def finish(self, status: str = "complete") -> None:
-        self._save_manifest(status)
+        try:
+            self._save_manifest(status)
+        except OSError:
+            if status == "complete":
+                raise
+            # Recording a failure must not hide the failure itself (a full disk refuses this write too).
 
     def _save_manifest(self, status: str) -> None:
         write_json_atomic(self.path / MANIFEST, {

@@ -64,7 +64,10 @@ def run(cfg: TrainConfig) -> Path:
 
         samples = {p: {"before": _reply(model, tokenizer, p, cfg.sample_max_new_tokens)} for p in cfg.sample_prompts}
         guard = _RunGuard(folder, _shape_settings(cfg))
-        trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, quant is not None, guard)
+        try:
+            trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, quant is not None, guard)
+        except ValueError as exc:  # TRL, PEFT and transformers check the combination they are given
+            raise UsageError(f"the trainer refused this configuration: {first_line(exc)}") from None
 
         # Training starts: from here on the folder holds this run, and its record says what the run wrote.
         folder.begin()
@@ -264,7 +267,8 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quan
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    half = model.dtype if model.dtype in (torch.bfloat16, torch.float16) else None
+    # Mixed precision is a GPU feature; on CPU a half-precision model simply trains in its own dtype.
+    half = model.dtype if model.dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available() else None
     evaluating = eval_set is not None
     args = SFTConfig(
         output_dir=cfg.output_dir,

@@ -19,6 +19,7 @@ from typing import Any
 from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD
 from functionalnetworkssft.errors import FnsftError
 from functionalnetworkssft.hub.card import LOCAL_FILE_SUFFIXES, is_hub_id, read_json
+from functionalnetworkssft.paths import within
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ def files_to_upload(folder: Path) -> list[UploadFile]:
             continue
         if rel.as_posix() == "README.md":
             continue
+        if path.is_symlink() and not within(path, folder.resolve()):
+            raise FnsftError(f"{path} is a link to {path.resolve()}, outside {folder}; refusing to upload what it "
+                             "points to. Replace the link with the file itself, or remove it.")
         found.append(UploadFile(rel.as_posix(), path, _public_copy(path, hub_id, dropped)))
     if dropped:
         logger.warning("Left out of the upload, being local paths%s: %s.",

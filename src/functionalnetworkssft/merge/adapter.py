@@ -189,6 +189,9 @@ def load_adapter(folder: Path, config: dict[str, Any], modules: dict[str, Any]) 
             raise MergeError(f"{folder}: module {module} has {sorted(parts)} but lacks {a_key} or {b_key}; "
                              "the adapter file is incomplete.")
         A, B = parts.pop(a_key).float(), parts.pop(b_key).float()
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise MergeError(f"{folder}: the LoRA factors of {module} hold NaN or infinite values; the training that "
+                             "produced this adapter diverged, so there is nothing sound to merge.")
         if tuple(A.shape) != expected_a or tuple(B.shape) != expected_b:
             raise MergeError(f"{folder}: {module} has LoRA shapes A{tuple(A.shape)} B{tuple(B.shape)} but the base "
                              f"layer needs A{expected_a} B{expected_b} (rank from adapter_config.json: r={r}); the "
