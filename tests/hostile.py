@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import TOY  # noqa: F401 - re-exported for the hostile tests
 from functionalnetworkssft.cli import main
 
 

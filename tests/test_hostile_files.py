@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
-from hostile import TOY, cli, error_lines, listing, no_traceback, one_line, run_fnsft
+from conftest import TOY, write_jsonl
+from hostile import cli, error_lines, listing, no_traceback, one_line, run_fnsft
 from test_merge import make_adapter
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import TOY, write_jsonl
 from functionalnetworkssft import hub
 from functionalnetworkssft.errors import FnsftError
-from hostile import TOY, cli
+from hostile import cli
 
 
 @pytest.mark.parametrize("where", ["end", "chunk boundary"])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
-from hostile import TOY, cli, error_lines, listing, no_traceback, one_line, train_with_callback
+from conftest import TOY, write_jsonl
+from hostile import cli, error_lines, listing, no_traceback, one_line, train_with_callback
 
 
 def train_args(model, data, out, *extra):

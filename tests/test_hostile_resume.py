@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from conftest import write_jsonl
-from hostile import TOY, cli, error_lines, no_traceback, one_line, run_fnsft
+from conftest import TOY, write_jsonl
+from hostile import cli, error_lines, no_traceback, one_line, run_fnsft
 
 KILL_WHILE_SAVING = """
 import os, signal, sys, torch

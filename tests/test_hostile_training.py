@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
-from hostile import TOY, cli, one_line
+from conftest import TOY, write_jsonl
+from hostile import cli, one_line
 
 
 def test_a_diverging_run_stops_before_saving_bad_weights_and_keeps_the_good_checkpoint(tiny_llama, tmp_path, capsys):
@@ -48,4 +48,13 @@ def test_a_combination_the_trainer_refuses_is_one_usage_line(tiny_llama, tmp_pat
                           "--max_steps", "1")
     assert code == 2
     one_line(errors, "the trainer refused this configuration: Applying a PEFT adapter to `lm_head` is not supported")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_rank_no_layer_can_use_is_refused_before_training(tiny_llama, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    code, errors, _ = cli(capsys, "train", "--model_name_or_path", tiny_llama, "--dataset_name_or_path", data,
+                          "--output_dir", tmp_path / "out", "--use_peft", "--lora_r", "100000", "--max_steps", "1")
+    assert code == 2
+    one_line(errors, "--lora_r 100000 exceeds what any layer of this model can use (at most 32, the narrower side")
     assert not (tmp_path / "out").exists()

@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-from functionalnetworkssft.errors import FnsftError, first_line
+from functionalnetworkssft.errors import FnsftError, describe_write_error, first_line
 
 USAGE = """usage: fnsft {train,merge,push,generate} [--help] ...
 
@@ -77,8 +77,6 @@ def run_guarded(command, argv: list[str], prog: str) -> int:
 
 
 def _describe_unexpected(exc: Exception) -> str:
-    from functionalnetworkssft.outputs import describe_write_error
-
     cause = describe_write_error(exc)
     filename = getattr(exc, "filename", None)
     if cause:

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from functionalnetworkssft.errors import FnsftError, first_line
+from functionalnetworkssft.errors import FnsftError, describe_write_error, first_line
 from functionalnetworkssft.paths import missing_local
 from functionalnetworkssft.weights import model_folder_problem
 
@@ -151,8 +151,12 @@ def convert_gguf(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("Converting %s to safetensors once (cached in %s)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as exc:
+        raise FnsftError(f"{gguf}: cannot write the conversion cache {target.parent} ({exc.strerror}); set "
+                         "FNSFT_CACHE to a writable folder.") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
@@ -170,7 +174,8 @@ def convert_gguf(gguf: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         if (target / "config.json").is_file():  # another process finished the same conversion first
             return target
-        raise FnsftError(f"{gguf}: could not convert GGUF to safetensors: {exc}") from exc
+        raise FnsftError(f"{gguf}: could not convert GGUF to safetensors: "
+                         f"{describe_write_error(exc) or first_line(exc)}.") from None
     return target
 
 
@@ -271,18 +276,23 @@ def quantized_module_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, kinds)]
 
 
-def check_lora_targets(model, targets: list[str]) -> None:
-    """Every --lora_target_modules name must match a layer, as PEFT matches it (the full name or its last parts)."""
-    if targets == ["all-linear"]:
-        return
-    names = [name for name, _ in model.named_modules() if name]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        import torch
+def lora_problems(model, targets: list[str], rank: int) -> list[str]:
+    """What keeps the LoRA flags from fitting this model: target names that match no layer (as PEFT matches them:
+    the full name or its last parts), and a rank above every layer's narrower side (parameters, no capacity)."""
+    import torch
 
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                         or type(m).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")})
-        from functionalnetworkssft.errors import UsageError
-
-        raise UsageError(f"--lora_target_modules: {', '.join(missing)} matches no layer of the model; its linear "
+    found = []
+    if targets != ["all-linear"]:
+        names = [name for name, _ in model.named_modules() if name]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+            found.append(f"--lora_target_modules: {', '.join(missing)} matches no layer of the model; its linear "
                          f"layers are {', '.join(linear[:20]) or 'none'} (or use all-linear).")
+    widest = max((min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)),
+                 default=None)
+    if widest is not None and rank > widest:
+        found.append(f"--lora_r {rank} exceeds what any layer of this model can use (at most {widest}, the narrower "
+                     "side of its largest linear layer); choose a smaller rank.")
+    return found

@@ -15,7 +15,6 @@ Three rules keep a user's files safe, whatever the flags:
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -271,33 +270,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def describe_write_error(exc: BaseException) -> str | None:
-    """A one-line cause when `exc` (or an exception it wraps) is a failed write: disk full, file too large,
-    read-only or permission denied. Libraries that write through C or Rust (torch.save, safetensors) raise their own
-    types with the OS error only in the text, so the text is read too."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        code = getattr(current, "errno", None)
-        if code in (errno.ENOSPC, errno.EDQUOT):
-            return "the disk is full (No space left on device); free space"
-        if code == errno.EFBIG:
-            return "a file size limit was reached (File too large; see ulimit -f); raise the limit or free space"
-        if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return f"{os.strerror(code)}; make the folder writable or choose another"
-        text = str(current)
-        for needle, cause in (("No space left", "the disk is full (No space left on device); free space"),
-                              ("StorageFull", "the disk is full (No space left on device); free space"),
-                              ("File too large", "a file size limit was reached (File too large; see ulimit -f); "
-                                                 "raise the limit or free space"),
-                              ("FileTooLarge", "a file size limit was reached (File too large; see ulimit -f); "
-                                               "raise the limit or free space"),
-                              ("Read-only file system", "the file system is read-only; choose another folder"),
-                              ("file write failed", "the write failed (is the disk full?); free space")):
-            if needle in text:
-                return cause
-        current = current.__cause__ or current.__context__
-    return None

@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 
 from functionalnetworkssft import __version__, checkpoints, data, hub, modeling
 from functionalnetworkssft.config import TRAINING_RECORD, TrainConfig, parse
-from functionalnetworkssft.errors import FnsftError, UsageError, first_line
-from functionalnetworkssft.outputs import OutputFolder, describe_write_error, read_manifest
+from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error, first_line
+from functionalnetworkssft.outputs import OutputFolder, read_manifest
 from functionalnetworkssft.paths import looks_like_local_path
 
 
@@ -58,8 +58,8 @@ def run(cfg: TrainConfig) -> Path:
         dtype = modeling.training_dtype(cfg.torch_dtype, source)
         quant = modeling.quantization_config(cfg.use_4bit, cfg.use_8bit, dtype)
         model = modeling.load_model(source, dtype, quant, cfg.trust_remote_code)
-        if cfg.use_peft:
-            modeling.check_lora_targets(model, cfg.lora_target_modules)
+        if cfg.use_peft and (problems := modeling.lora_problems(model, cfg.lora_target_modules, cfg.lora_r)):
+            raise UsageError(problems)
         quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
 
         samples = {p: {"before": _reply(model, tokenizer, p, cfg.sample_max_new_tokens)} for p in cfg.sample_prompts}

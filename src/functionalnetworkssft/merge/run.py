@@ -16,14 +16,14 @@ from typing import Any, Literal
 import torch
 
 from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD, Options, arg, field_problems, parse
-from functionalnetworkssft.errors import FnsftError, MergeError, UsageError, first_line
+from functionalnetworkssft.errors import FnsftError, MergeError, UsageError, describe_write_error, first_line
 from functionalnetworkssft.merge.adapter import Adapter, load_adapter, read_adapter_config
 from functionalnetworkssft.merge.io import BaseWeights, parse_size, sha256_file
 from functionalnetworkssft.merge.plan import _resolve, build_plan
 from functionalnetworkssft.merge.qlora import read_training_record
 from functionalnetworkssft.merge.report import MergeReport
 from functionalnetworkssft.merge.write import DTYPES, move_into_place, write_merged
-from functionalnetworkssft.outputs import FolderLock, describe_write_error
+from functionalnetworkssft.outputs import FolderLock
 from functionalnetworkssft.paths import missing_local, within
 from functionalnetworkssft.weights import model_folder_problem
 
