@@ -24,8 +24,10 @@ WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safeten
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 # torch.save zip archives; a cut-short one has no central directory at its end, so opening it fails.
 ARCHIVES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt")
-# Settings that fix the shapes of the saved weights and optimizer state; resuming with others cannot load them.
-SHAPE_SETTINGS = ("use_peft", "lora_r", "lora_target_modules")
+# Settings that fix what a checkpoint holds: the shapes of its weights and optimizer state (resuming with others
+# cannot load them) and the functional-network mask (resuming with another would break its protected rows).
+SHAPE_SETTINGS = ("use_peft", "lora_r", "lora_target_modules", "mask_mode", "ica_template", "ica_component_ids",
+                  "ica_mask_layers")
 
 
 def step_of(path: Path) -> int | None:
@@ -133,8 +135,13 @@ def settings_problems(folder: Path, current: dict[str, Any]) -> list[str]:
     found = []
     for name in SHAPE_SETTINGS:
         if name in saved and name in current and _normal(saved[name]) != _normal(current[name]):
+            if name == "ica_template":
+                found.append(f"the functional-network template (sha256 {_shown(current[name])}) differs from the one "
+                             f"{folder.name} was trained with ({_shown(saved[name])}); resume with that template, "
+                             "or start a new run.")
+                continue
             found.append(f"--{name} {_shown(current[name])} differs from the {_shown(saved[name])} that {folder.name} "
-                         f"was trained with, so its weights cannot be loaded; resume with --{name} "
+                         f"was trained with, so it cannot continue that run; resume with --{name} "
                          f"{_shown(saved[name])}, or start a new run.")
     return found
 
@@ -167,4 +174,6 @@ def _normal(value: Any) -> Any:
 def _shown(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if value is None or value == []:
+        return "none"
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)

@@ -8,18 +8,20 @@ import sys
 
 from functionalnetworkssft.errors import FnsftError, describe_write_error, first_line
 
-USAGE = """usage: fnsft {train,merge,push,generate} [--help] ...
+USAGE = """usage: fnsft {train,templates,merge,push,generate} [--help] ...
 
-  train     fine-tune a causal LM (LoRA, QLoRA or full), optionally merge and upload
-  merge     merge any PEFT LoRA adapter into its base, streaming and verified
-  push      upload final_model/, adapter/ or merged_model/ to the Hugging Face Hub
-  generate  print a model's reply to a prompt (chat template applied)
+  train      fine-tune a causal LM (LoRA, QLoRA or full), optionally with functional-network masks; merge; upload
+  templates  find a model's functional networks (ICA over MLP outputs) and write a template file
+  merge      merge any PEFT LoRA adapter into its base, streaming and verified
+  push       upload final_model/, adapter/ or merged_model/ to the Hugging Face Hub
+  generate   print a model's reply to a prompt (chat template applied)
 """
 
 
 # Subcommand -> module with its `main`; imported only when used, so that `fnsft --help` and flag errors answer at
 # once and `fnsft merge` does not pay for the training stack.
-COMMANDS = {"train": "training", "merge": "merge", "push": "hub", "generate": "generate"}
+COMMANDS = {"train": "training", "templates": "networks.command", "merge": "merge", "push": "hub",
+            "generate": "generate"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,6 +179,29 @@ class TrainConfig(Options):
     )
     sample_max_new_tokens: int = arg("Token budget of each sample reply.", default=48, positive=True)
 
+    # Functional networks
+    mask_mode: Literal["none", "lesion", "preserve"] = arg(
+        "Restrict training with functional networks: lesion protects the network's MLP output rows (everything else "
+        "may change), preserve lets only the network's rows change. See fnsft templates.", default="none")
+    ica_template_path: str | None = arg(
+        "Template file from fnsft templates. Without it, templates are built from the training data first (seeded) "
+        "and saved as output_dir/global_templates.json.", default=None)
+    ica_component_ids: list[int] = arg("Components whose union is the network (default: all of them).",
+                                       default_factory=list)
+    ica_components: int = arg("Components to find when templates are built from the training data.", default=10,
+                              positive=True)
+    ica_threshold: Literal["zscore", "percentile"] = arg(
+        "Channel selection when templates are built: zscore (--ica_z, the paper's code) or percentile "
+        "(--ica_percentile, earlier tools).", default="zscore")
+    ica_percentile: float = arg("Percentile of |mixing weight| for --ica_threshold percentile.", default=98.0,
+                                positive=True, below=100)
+    ica_z: float = arg("z-score cut for --ica_threshold zscore.", default=1.96, positive=True)
+    ica_mask_layers: str | None = arg("Layers the mask applies to, e.g. 0:4,9: (default: all); other layers train "
+                                      "without restriction.", default=None)
+    mask_forward: bool = arg(
+        "Also zero the masked channels' MLP outputs in the training forward pass (lesion: the network's, preserve: "
+        "all others), the paper's intervention, for ablations; inference always runs without it.", default=False)
+
     # Merge and Hub
     merge_adapter_with_base: bool = arg(
         "After training, merge the LoRA adapter into the base and save a standalone model to merged_model/.",
@@ -224,6 +247,12 @@ class TrainConfig(Options):
             found.append(f"--max_steps must be positive, or -1 to train for --num_train_epochs (got {self.max_steps}).")
         if self.max_steps == -1 and math.isfinite(self.num_train_epochs) and self.num_train_epochs <= 0:
             found.append(f"--num_train_epochs must be positive (got {self.num_train_epochs}).")
+        if self.mask_mode == "none":
+            for name in ("ica_template_path", "ica_mask_layers", "ica_component_ids", "mask_forward"):
+                if getattr(self, name):
+                    found.append(f"--{name} needs --mask_mode lesion or preserve.")
+        if any(i < 0 for i in self.ica_component_ids):
+            found.append("--ica_component_ids must be non-negative component numbers.")
         unknown_trackers = set(self.report_to) - {"none", "tensorboard", "wandb", "all"}
         if unknown_trackers:
             found.append(f"--report_to: unknown tracker(s) {', '.join(sorted(unknown_trackers))}; "

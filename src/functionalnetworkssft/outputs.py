@@ -126,11 +126,18 @@ def read_manifest(folder: Path) -> dict | None:
     return loaded
 
 
-def write_json_atomic(path: Path, value) -> None:
-    """Write JSON under a temporary name and rename it into place: a kill leaves the old file or the new, never half."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name and rename into place: a kill leaves the old file or the new, never half."""
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(staging, path)
+    try:
+        staging.write_text(text, encoding="utf-8")
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, value) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from functionalnetworkssft import __version__, checkpoints, data, hub, modeling
+from functionalnetworkssft import __version__, checkpoints, data, hub, modeling, networks
 from functionalnetworkssft.config import TRAINING_RECORD, TrainConfig, parse
 from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error, first_line
 from functionalnetworkssft.outputs import OutputFolder, read_manifest
@@ -34,9 +34,12 @@ def run(cfg: TrainConfig) -> Path:
     folder = OutputFolder(out, writes=_writes(cfg), inputs=_inputs(cfg), overwrite=cfg.overwrite_output_dir,
                           resuming=bool(cfg.resume_from_checkpoint))
     resume: checkpoints.Latest | None = None
+    templates = None
     if not problems:  # paths are only worth checking once every flag has a usable value
         problems += folder.problems()
-        resume_problems, resume = _resume_checkpoint(cfg, out)
+        templates, template_problems = _given_templates(cfg, out)
+        problems += template_problems
+        resume_problems, resume = _resume_checkpoint(cfg, out, templates)
         problems += resume_problems
     if problems:
         raise UsageError(problems)
@@ -61,23 +64,31 @@ def run(cfg: TrainConfig) -> Path:
         if cfg.use_peft and (problems := modeling.lora_problems(model, cfg.lora_target_modules, cfg.lora_r)):
             raise UsageError(problems)
         quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
+        network = _plan_network(cfg, model, train_set, templates) if cfg.mask_mode != "none" else None
 
         samples = {p: {"before": _reply(model, tokenizer, p, cfg.sample_max_new_tokens)} for p in cfg.sample_prompts}
-        guard = _RunGuard(folder, _shape_settings(cfg))
+        guard = _RunGuard(folder, _shape_settings(cfg, network.templates if network is not None else None))
         try:
             trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, quant is not None, guard)
         except ValueError as exc:  # TRL, PEFT and transformers check the combination they are given
             raise UsageError(f"the trainer refused this configuration: {first_line(exc)}") from None
+        if network is not None:
+            network.attach(trainer.model, cfg.use_peft, cfg.mask_forward, guard)
 
         # Training starts: from here on the folder holds this run, and its record says what the run wrote.
         folder.begin()
         try:
             _write_run_config(cfg, folder.record("run_config.yaml"))
+            if network is not None and network.built:
+                network.templates.write(folder.record(networks.TEMPLATES_FILE))
             resume_path = _announce_resume(resume, folder) if resume is not None else None
             trainer.train(resume_from_checkpoint=resume_path)
             if eval_set is not None:
                 trainer.evaluate()
-            final_dir = _save_results(cfg, folder, trainer, tokenizer, source, raw, quant, quantized_modules, samples)
+            if network is not None:
+                network.detach()  # inference, samples and the merge run the model as it is, with no hooks
+            final_dir = _save_results(cfg, folder, trainer, tokenizer, source, raw, quant, quantized_modules, samples,
+                                      network)
             del trainer, model
             gc.collect()
             if cfg.merge_adapter_with_base:
@@ -101,6 +112,8 @@ def run(cfg: TrainConfig) -> Path:
 def _writes(cfg: TrainConfig) -> tuple[str, ...]:
     """The entries of output_dir this run may create (fnmatch patterns)."""
     names = ["final_model", "trainer_state.json", "run_config.yaml", "loss.png", "checkpoint-*"]
+    if cfg.mask_mode != "none" and cfg.ica_template_path is None:
+        names.append(networks.TEMPLATES_FILE)
     if cfg.use_peft:
         names.append("adapter")
     if cfg.merge_adapter_with_base:
@@ -124,13 +137,39 @@ def _inputs(cfg: TrainConfig) -> dict[str, str]:
     return found
 
 
-def _shape_settings(cfg: TrainConfig) -> dict[str, Any]:
-    if not cfg.use_peft:
-        return {"use_peft": False}
-    return {"use_peft": True, "lora_r": cfg.lora_r, "lora_target_modules": list(cfg.lora_target_modules)}
+def _shape_settings(cfg: TrainConfig, templates: networks.Templates | None = None) -> dict[str, Any]:
+    """What a checkpoint of this run holds, to be compared when a run resumes from it."""
+    settings: dict[str, Any] = {"use_peft": cfg.use_peft, "mask_mode": cfg.mask_mode}
+    if cfg.use_peft:
+        settings.update(lora_r=cfg.lora_r, lora_target_modules=list(cfg.lora_target_modules))
+    if cfg.mask_mode != "none":
+        settings.update(ica_component_ids=sorted(cfg.ica_component_ids), ica_mask_layers=cfg.ica_mask_layers or "all")
+        if templates is not None:
+            settings["ica_template"] = templates.sha256[:16]
+    return settings
 
 
-def _resume_checkpoint(cfg: TrainConfig, out: Path) -> tuple[list[str], checkpoints.Latest | None]:
+def _given_templates(cfg: TrainConfig, out: Path) -> tuple[networks.Templates | None, list[str]]:
+    """The template file the mask comes from, read now: --ica_template_path, or the one an earlier run of this
+    folder built (so that resuming recomputes nothing)."""
+    if cfg.mask_mode == "none":
+        return None, []
+    path = cfg.ica_template_path
+    if path is None and cfg.resume_from_checkpoint and (out / networks.TEMPLATES_FILE).is_file():
+        path = str(out / networks.TEMPLATES_FILE)
+    if path is None:
+        return None, []
+    try:
+        templates = networks.read_templates(path)
+        if cfg.ica_component_ids:
+            templates.network(cfg.ica_component_ids, templates.layers, path)
+    except UsageError as exc:
+        return None, exc.problems
+    return templates, []
+
+
+def _resume_checkpoint(cfg: TrainConfig, out: Path, templates: networks.Templates | None = None
+                       ) -> tuple[list[str], checkpoints.Latest | None]:
     """The checkpoint to resume from, or why it cannot be used (incomplete, missing, saved with other shapes)."""
     given = cfg.resume_from_checkpoint
     if not given:
@@ -151,7 +190,7 @@ def _resume_checkpoint(cfg: TrainConfig, out: Path) -> tuple[list[str], checkpoi
             return [f"--resume_from_checkpoint {given}: not a complete Trainer checkpoint ({reason}); give another "
                     "checkpoint-N folder or 'latest'."], None
         found = checkpoints.Latest(path, [])
-    return checkpoints.settings_problems(found.path, _shape_settings(cfg)), found
+    return checkpoints.settings_problems(found.path, _shape_settings(cfg, templates)), found
 
 
 def _announce_resume(found: checkpoints.Latest, folder: OutputFolder) -> str:
@@ -183,6 +222,7 @@ class _RunGuard(TrainerCallback):
         self.folder, self.settings = folder, settings
         self.saving: str | None = None
         self.last_saved: str | None = None
+        self.restriction = None  # a functional-network UpdateRestriction, when training is masked
 
     def _before_save(self, state, control) -> None:
         if control.should_save:
@@ -203,6 +243,9 @@ class _RunGuard(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         import torch
 
+        if self.restriction is not None:
+            self.restriction.restore()
+
         trained = [p.detach() for p in model.parameters() if p.requires_grad] if model is not None else []
         if not trained:
             return
@@ -215,6 +258,24 @@ class _RunGuard(TrainerCallback):
             raise _Diverged(f"training diverged at step {step}: a trained weight became NaN or infinite, so the run "
                             f"stopped before saving it ({kept}). Lower --learning_rate (now {args.learning_rate:g}) "
                             "or check the data, then start again.")
+
+
+def _plan_network(cfg: TrainConfig, model, train_set, templates: networks.Templates | None) -> networks.NetworkPlan:
+    """The functional network the mask uses: from the template file, or built now from the training data."""
+    built = templates is None
+    if built:
+        print(f"Building functional-network templates from the training data ({cfg.ica_components} components, "
+              f"seed {cfg.seed}); they are saved as {networks.TEMPLATES_FILE} when training starts.")
+        examples = networks.sample_rows(list(train_set["input_ids"]), networks.DEFAULT_SAMPLES, cfg.seed)
+        templates, summary = networks.build_templates(
+            model, examples, n_components=cfg.ica_components, threshold=cfg.ica_threshold,
+            percentile=cfg.ica_percentile, z=cfg.ica_z, max_tokens=networks.DEFAULT_MAX_TOKENS, layers_spec=None,
+            seed=cfg.seed, provenance={"model": Path(cfg.model_name_or_path).name,
+                                       "datasets": [Path(cfg.dataset_name_or_path).name]})
+        print(summary)
+    source = cfg.ica_template_path or networks.TEMPLATES_FILE
+    return networks.NetworkPlan.create(model, templates, cfg.mask_mode, cfg.ica_component_ids or None,
+                                       cfg.ica_mask_layers, source, built)
 
 
 def _newest(out: Path) -> str | None:
@@ -310,7 +371,8 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quan
 
 
 def _save_results(cfg: TrainConfig, folder: OutputFolder, trainer, tokenizer, source: modeling.ModelSource,
-                  raw: data.RawData, quant, quantized_modules: list[str], samples: dict[str, dict[str, str]]) -> Path:
+                  raw: data.RawData, quant, quantized_modules: list[str], samples: dict[str, dict[str, str]],
+                  network: networks.NetworkPlan | None) -> Path:
     """final_model/ (+ its training record), trainer_state.json, loss.png, adapter/, samples.json."""
     final_dir = folder.record("final_model")
     trainer.save_model(str(final_dir))
@@ -319,6 +381,8 @@ def _save_results(cfg: TrainConfig, folder: OutputFolder, trainer, tokenizer, so
     for stray in ("README.md", "training_args.bin"):
         (final_dir / stray).unlink(missing_ok=True)
     record = _training_record(cfg, source, raw, quant, quantized_modules)
+    if network is not None:
+        record["functional_networks"] = network.record()
     (final_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     folder.record("trainer_state.json")
     trainer.save_state()

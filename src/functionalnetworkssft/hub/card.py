@@ -37,6 +37,7 @@ class CardInfo:
     tags: list[str] = field(default_factory=list)
     merge_report: dict[str, Any] | None = None
     method: str | None = None  # lora, qlora, lora-8bit or full, as fnsft_training.json records it
+    networks: dict[str, Any] | None = None  # the functional-network mask, as fnsft_training.json records it
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "CardInfo":
@@ -60,7 +61,9 @@ class CardInfo:
             datasets = [datasets]
         return cls(base_model=base or None, datasets=[str(d) for d in datasets],
                    hyperparameters=dict(record.get("hyperparameters") or {}), license=record.get("license"),
-                   tags=list(record.get("tags") or []), merge_report=report, method=record.get("method"))
+                   tags=list(record.get("tags") or []), merge_report=report, method=record.get("method"),
+                   networks=record.get("functional_networks") if isinstance(record.get("functional_networks"), dict)
+                   else None)
 
 
 def detect_kind(folder: str | Path) -> str:
@@ -133,6 +136,14 @@ def render_card(card: CardInfo, kind: str, repo_id: str, endpoint: str | None = 
     lines += ["", "## Training", "", f"- Base model: {base_text}"]
     if card.method:
         lines.append(f"- Method: {card.method}")
+    if card.networks:
+        net = card.networks
+        meaning = {"lesion": "the network's channels were protected and everything else could change",
+                   "preserve": "only the network's channels could change"}.get(str(net.get("mask_mode")), "")
+        lines.append(f"- Functional networks ({net.get('mask_mode')}): {net.get('network_channels')} MLP output "
+                     f"channels from ICA components {', '.join(map(str, net.get('component_ids') or []))} (layers "
+                     f"{net.get('mask_layers')}); {meaning}. The protected rows of the MLP output projections are "
+                     "bit-identical to the base model's.")
     for dataset in card.datasets:
         shown = (f"[{dataset}]({endpoint}/datasets/{dataset})" if is_hub_id(dataset)
                  else f"a local dataset (`{_public(dataset)}`)")

@@ -43,6 +43,17 @@ class LoraTarget:
         # transpose of B @ A, which is why PEFT transposes their delta (fan_in_fan_out).
         return self.kind == "linear"
 
+    @property
+    def untouched(self) -> torch.Tensor | None:
+        """Output features the adapter leaves exactly as they are (all-zero B rows, no bias): what a
+        functional-network mask holds. None when there are none, or when DoRA rescales every feature anyway."""
+        if self.magnitude is not None or self.kind == "embedding":
+            return None
+        zero = (self.B == 0).all(dim=1)
+        if self.bias is not None:
+            zero &= self.bias == 0
+        return zero if bool(zero.any()) else None
+
     def add_delta_rows(self, block: torch.Tensor, start: int, stop: int) -> None:
         """block += scaling * (B @ A)[rows start:stop], in one fused multiply-add with no delta tensor."""
         A, B = self.A.to(block.device), self.B.to(block.device)

@@ -60,14 +60,23 @@ def compute_blocks(recipe: TensorRecipe, base: BaseWeights, out_dtype: torch.dty
     factor = None
     if lora is not None and lora.magnitude is not None:
         factor = _dora_factor(recipe, read, device)
+    # Features the adapter does not change keep their stored values bit for bit (w + 0.0 would turn -0.0 into 0.0).
+    untouched = lora.untouched.to(device) if lora is not None and lora.untouched is not None else None
 
     def merged(start: int, stop: int) -> torch.Tensor:
         block = read(start, stop).to(device=device, dtype=torch.float32, copy=True)
+        pristine = block.clone() if untouched is not None else None
         if lora is not None:
             # In place: a block's float32 working set is the block and its delta, nothing more.
             lora.add_delta_rows(block, start, stop)
             if factor is not None:
                 block.mul_(factor[start:stop].view(-1, 1) if lora.out_major else factor.view(1, -1))
+        if pristine is not None:
+            if lora.out_major:
+                rows = untouched[start:stop]
+                block[rows] = pristine[rows]
+            else:
+                block[:, untouched] = pristine[:, untouched]
         if recipe.bias_add is not None:
             block = block + recipe.bias_add.to(device)
         if recipe.tokens is not None:
