@@ -9,6 +9,7 @@ from functionalnetworkssft.config import TrainConfig, build_parser, parse
 from functionalnetworkssft.generate import GenerateConfig
 from functionalnetworkssft.hub import PushConfig
 from functionalnetworkssft.merge import MergeConfig
+from functionalnetworkssft.networks.command import TemplatesConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Flags the README quotes that are not fnsft's: pip's index URL and the merge benchmark script's output file.
@@ -17,7 +18,7 @@ FOREIGN_FLAGS = {"--index-url", "--json"}
 
 def known_flags() -> set[str]:
     flags = {"--help"}
-    for cls in (TrainConfig, MergeConfig, PushConfig, GenerateConfig):
+    for cls in (TrainConfig, MergeConfig, PushConfig, GenerateConfig, TemplatesConfig):
         for action in build_parser(cls, "fnsft")._actions:
             flags.update(action.option_strings)
     return flags

@@ -110,7 +110,8 @@ def build_templates(model, examples: list[list[int]], *, n_components: int, thre
                     z: float, max_tokens: int, layers_spec: str | None, seed: int,
                     provenance: dict, log=None) -> tuple[Templates, str]:
     """Collect, reduce, separate and select: the templates and a printed summary (sizes, budget, peak memory)."""
-    import psutil
+    import resource
+
     from tqdm.auto import tqdm
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -140,9 +141,9 @@ def build_templates(model, examples: list[list[int]], *, n_components: int, thre
                           provenance={**provenance, "parameters": parameters, "seed": seed,
                                       "tokens_used": int(len(matrix)), "tokens_seen": int(reservoir.seen),
                                       "ica_converged": result.converged, "fnsft_version": __version__})
-    peak = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     lines = [f"{len(components)} networks from {len(matrix)} of {reservoir.seen} tokens (budget {max_tokens}, "
-             f"{reservoir.nbytes / 2**20:.0f} MiB; process memory now {peak / 2**20:.0f} MiB); PCA "
+             f"{reservoir.nbytes / 2**20:.0f} MiB; peak process memory {peak / 2**20:.0f} MiB); PCA "
              f"{result.pca_seconds:.1f} s, ICA {result.ica_seconds:.1f} s"
              + ("" if result.converged else " (ICA did not converge: consider more tokens)")]
     total = hidden * len(layers)
