@@ -96,6 +96,26 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
 
 
+# Options `fnsft templates` and `fnsft train --mask_mode` share: one definition, one help text.
+def ica_components_arg() -> Any:
+    return arg("ICA components (networks) to find (when templates are built).", default=10, positive=True)
+
+
+def ica_threshold_arg() -> Any:
+    return arg("How a component's channels are chosen: zscore (z-scored mixing weight above --ica_z, as the paper's "
+               "code does) or percentile (|weight| at or above --ica_percentile, as earlier tools did).",
+               default="zscore")
+
+
+def ica_percentile_arg() -> Any:
+    return arg("Percentile of |mixing weight| for --ica_threshold percentile.", default=98.0, positive=True,
+               below=100)
+
+
+def ica_z_arg() -> Any:
+    return arg("z-score cut for --ica_threshold zscore.", default=1.96, positive=True)
+
+
 @dataclass
 class TrainConfig(Options):
     """Fine-tune a causal language model (LoRA, QLoRA or all weights); optionally merge the adapter and upload."""
@@ -188,14 +208,10 @@ class TrainConfig(Options):
         "and saved as output_dir/global_templates.json.", default=None)
     ica_component_ids: list[int] = arg("Components whose union is the network (default: all of them).",
                                        default_factory=list)
-    ica_components: int = arg("Components to find when templates are built from the training data.", default=10,
-                              positive=True)
-    ica_threshold: Literal["zscore", "percentile"] = arg(
-        "Channel selection when templates are built: zscore (--ica_z, the paper's code) or percentile "
-        "(--ica_percentile, earlier tools).", default="zscore")
-    ica_percentile: float = arg("Percentile of |mixing weight| for --ica_threshold percentile.", default=98.0,
-                                positive=True, below=100)
-    ica_z: float = arg("z-score cut for --ica_threshold zscore.", default=1.96, positive=True)
+    ica_components: int = ica_components_arg()
+    ica_threshold: Literal["zscore", "percentile"] = ica_threshold_arg()
+    ica_percentile: float = ica_percentile_arg()
+    ica_z: float = ica_z_arg()
     ica_mask_layers: str | None = arg("Layers the mask applies to, e.g. 0:4,9: (default: all); other layers train "
                                       "without restriction.", default=None)
     mask_forward: bool = arg(

@@ -14,7 +14,16 @@ from typing import Literal
 import numpy as np
 
 from functionalnetworkssft import __version__
-from functionalnetworkssft.config import Options, arg, field_problems, parse
+from functionalnetworkssft.config import (
+    Options,
+    arg,
+    field_problems,
+    ica_components_arg,
+    ica_percentile_arg,
+    ica_threshold_arg,
+    ica_z_arg,
+    parse,
+)
 from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.networks.collect import TokenReservoir, collect_mlp_outputs
 from functionalnetworkssft.networks.ica import ICA_MAX_ITER, ICA_TOL, find_networks
@@ -32,13 +41,10 @@ class TemplatesConfig(Options):
     model: str = arg("Model: a Hub id, a local folder, a .gguf file or pkg:PACKAGE/FILE. May be given as the first "
                      "positional argument.")
     datasets: list[str] = arg("Datasets (any format `fnsft train` reads); the positional arguments after the model.")
-    ica_components: int = arg("Number of ICA components (networks).", default=10, positive=True)
-    ica_threshold: Literal["zscore", "percentile"] = arg(
-        "How a component's channels are chosen: zscore (z-scored mixing weight above --ica_z, the paper's code) or "
-        "percentile (|weight| at or above --ica_percentile, earlier tools).", default="zscore")
-    ica_percentile: float = arg("Percentile of |mixing weight| for --ica_threshold percentile.", default=98.0,
-                                positive=True, below=100)
-    ica_z: float = arg("z-score cut for --ica_threshold zscore.", default=1.96, positive=True)
+    ica_components: int = ica_components_arg()
+    ica_threshold: Literal["zscore", "percentile"] = ica_threshold_arg()
+    ica_percentile: float = ica_percentile_arg()
+    ica_z: float = ica_z_arg()
     samples_per_dataset: int = arg("Examples drawn (seeded) from each dataset.", default=DEFAULT_SAMPLES,
                                    positive=True)
     max_seq_length: int = arg("Tokens per example at most (longer ones are truncated).", default=512, positive=True)
