@@ -60,12 +60,17 @@ def run_guarded(command, argv: list[str], prog: str) -> int:
 
     Errors the code anticipates say what to fix. A failed write (disk full, read-only) is recognised wherever it
     happens. Anything else is a bug: one line, with the traceback saved to a file (or shown with FNSFT_DEBUG=1)."""
+    from functionalnetworkssft import distributed
+
     setup_logging()
+    distributed.quiet_replica()
     try:
         command(argv, prog=prog)
     except FnsftError as exc:
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"{prog}: error: {line}", file=sys.stderr)
+        # In a data-parallel run every process checks the same things; the main one says what failed.
+        if distributed.is_main():
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                print(f"{prog}: error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; outputs written so far are kept.", file=sys.stderr)
@@ -73,7 +78,8 @@ def run_guarded(command, argv: list[str], prog: str) -> int:
     except Exception as exc:  # the last line of defence: never a traceback for the user
         if os.environ.get("FNSFT_DEBUG"):
             raise
-        print(f"{prog}: error: {_describe_unexpected(exc)}", file=sys.stderr)
+        where = "" if distributed.is_main() else f" (rank {distributed.rank()})"
+        print(f"{prog}: error{where}: {_describe_unexpected(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -151,6 +151,8 @@ class OutputFolder:
     inputs: dict[str, str] = field(default_factory=dict)
     overwrite: bool = False
     resuming: bool = False
+    # False on the other processes of a data-parallel run: they neither check, lock, record nor write here.
+    writer: bool = True
     _lock: FolderLock | None = None
     _created: bool = False
     _began: bool = False
@@ -158,6 +160,8 @@ class OutputFolder:
 
     # ---- checks, before anything is written ---------------------------------------------------------------------
     def problems(self) -> list[str]:
+        if not self.writer:
+            return []
         out = self.path
         if out.exists() and not out.is_dir():
             return [f"--output_dir {out} is a file; name a folder."]
@@ -205,6 +209,9 @@ class OutputFolder:
     @contextmanager
     def claim(self, label: str) -> Iterator["OutputFolder"]:
         """Hold the folder for this run; if the run ends before `begin`, leave the folder as it was found."""
+        if not self.writer:
+            yield self
+            return
         self._created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -236,6 +243,8 @@ class OutputFolder:
 
     def begin(self) -> None:
         """Training starts: clear what an earlier run recorded (with --overwrite_output_dir), start this run's record."""
+        if not self.writer:
+            return
         manifest = read_manifest(self.path) or {"entries": []}
         previous = [e for e in manifest["entries"] if (self.path / e).exists() or os.path.islink(self.path / e)]
         if self.resuming:
@@ -252,12 +261,14 @@ class OutputFolder:
 
     def record(self, name: str) -> Path:
         """Note `name` as this run's before it is written; returns its path."""
-        if name not in self._entries:
+        if self.writer and name not in self._entries:
             self._entries.append(name)
             self._save_manifest("running")
         return self.path / name
 
     def finish(self, status: str = "complete") -> None:
+        if not self.writer:
+            return
         try:
             self._save_manifest(status)
         except OSError:

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from functionalnetworkssft import __version__, checkpoints, data, hub, modeling, networks
+from functionalnetworkssft import __version__, checkpoints, data, distributed, hub, modeling, networks
 from functionalnetworkssft.config import TRAINING_RECORD, TrainConfig, parse
 from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error, first_line
 from functionalnetworkssft.outputs import OutputFolder, read_manifest
@@ -30,9 +30,11 @@ def main(argv: list[str] | None, prog: str = "fnsft train") -> None:
 
 def run(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
+    # In a data-parallel run (torchrun, accelerate launch) every process trains; only the main one owns the folder.
+    main = distributed.is_main()
     problems = cfg.problems()
     folder = OutputFolder(out, writes=_writes(cfg), inputs=_inputs(cfg), overwrite=cfg.overwrite_output_dir,
-                          resuming=bool(cfg.resume_from_checkpoint))
+                          resuming=bool(cfg.resume_from_checkpoint), writer=main)
     resume: checkpoints.Latest | None = None
     templates = None
     if not problems:  # paths are only worth checking once every flag has a usable value
@@ -43,7 +45,7 @@ def run(cfg: TrainConfig) -> Path:
         problems += resume_problems
     if problems:
         raise UsageError(problems)
-    if cfg.push_to_hub:
+    if cfg.push_to_hub and main:
         # A missing or read-only token must fail now, not after hours of training.
         hub_token = hub.resolve_token(cfg.hub_token)
         hub.preflight(cfg.hub_repo_id, hub_token, private=cfg.hub_private, revision=cfg.hub_revision)
@@ -66,7 +68,8 @@ def run(cfg: TrainConfig) -> Path:
         quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
         network = _plan_network(cfg, model, train_set, templates) if cfg.mask_mode != "none" else None
 
-        samples = {p: {"before": _reply(model, tokenizer, p, cfg.sample_max_new_tokens)} for p in cfg.sample_prompts}
+        samples = {p: {"before": _reply(model, tokenizer, p, cfg.sample_max_new_tokens)}
+                   for p in (cfg.sample_prompts if main else [])}
         guard = _RunGuard(folder, _shape_settings(cfg, network.templates if network is not None else None))
         try:
             trainer = _build_trainer(cfg, model, tokenizer, train_set, eval_set, quant is not None, guard)
@@ -79,9 +82,9 @@ def run(cfg: TrainConfig) -> Path:
         folder.begin()
         try:
             _write_run_config(cfg, folder.record("run_config.yaml"))
-            if network is not None and network.built:
+            if network is not None and network.built and main:
                 network.templates.write(folder.record(networks.TEMPLATES_FILE))
-            resume_path = _announce_resume(resume, folder) if resume is not None else None
+            resume_path = _announce_resume(resume, folder, main) if resume is not None else None
             trainer.train(resume_from_checkpoint=resume_path)
             if eval_set is not None:
                 trainer.evaluate()
@@ -91,6 +94,8 @@ def run(cfg: TrainConfig) -> Path:
                                       network)
             del trainer, model
             gc.collect()
+            if not main:
+                return out  # the main process merges and uploads
             if cfg.merge_adapter_with_base:
                 _merge(cfg, source, final_dir, folder.record("merged_model"))
         except BaseException as exc:
@@ -193,9 +198,11 @@ def _resume_checkpoint(cfg: TrainConfig, out: Path, templates: networks.Template
     return checkpoints.settings_problems(found.path, _shape_settings(cfg, templates)), found
 
 
-def _announce_resume(found: checkpoints.Latest, folder: OutputFolder) -> str:
+def _announce_resume(found: checkpoints.Latest, folder: OutputFolder, main: bool) -> str:
     """Say which checkpoint the run continues from; remove this run's own incomplete ones that were skipped, so that
     the Trainer's rotation can never keep one of them in place of a complete checkpoint."""
+    if not main:
+        return str(found.path)
     recorded = set((read_manifest(folder.path) or {}).get("entries", []))
     for path, why in found.skipped:
         ours = path.parent == folder.path and path.name in recorded
@@ -225,7 +232,7 @@ class _RunGuard(TrainerCallback):
         self.restriction = None  # a functional-network UpdateRestriction, when training is masked
 
     def _before_save(self, state, control) -> None:
-        if control.should_save:
+        if control.should_save and state.is_world_process_zero:
             self.saving = f"checkpoint-{state.global_step}"
             self.folder.record(self.saving)
 
@@ -236,6 +243,8 @@ class _RunGuard(TrainerCallback):
         self._before_save(state, control)
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         name = f"checkpoint-{state.global_step}"
         checkpoints.write_marker(Path(args.output_dir) / name, self.settings)
         self.saving, self.last_saved = None, name
@@ -340,6 +349,10 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quan
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         activation_checkpointing=cfg.gradient_checkpointing,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without a GPU, say so: accelerate then runs several processes as data-parallel CPU workers (gloo).
+        use_cpu=not torch.cuda.is_available(),
+        # Every trained parameter takes part in every step (LoRA factors or all weights): no extra graph traversal.
+        ddp_find_unused_parameters=False,
         learning_rate=cfg.effective_learning_rate,
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a fraction of the steps
         logging_steps=cfg.logging_steps,
@@ -375,7 +388,10 @@ def _save_results(cfg: TrainConfig, folder: OutputFolder, trainer, tokenizer, so
                   network: networks.NetworkPlan | None) -> Path:
     """final_model/ (+ its training record), trainer_state.json, loss.png, adapter/, samples.json."""
     final_dir = folder.record("final_model")
-    trainer.save_model(str(final_dir))
+    trainer.save_model(str(final_dir))  # on every process: sharded engines gather the weights collectively
+    trainer.accelerator.wait_for_everyone()
+    if not distributed.is_main():
+        return final_dir
     tokenizer.save_pretrained(final_dir)
     # PEFT's auto-card records local paths and the pickled TrainingArguments is not portable; checkpoints keep it.
     for stray in ("README.md", "training_args.bin"):

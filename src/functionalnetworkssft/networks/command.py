@@ -120,7 +120,9 @@ def build_templates(model, examples: list[list[int]], *, n_components: int, thre
 
     from tqdm.auto import tqdm
 
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    from functionalnetworkssft import distributed
+
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True) if distributed.is_main() else None)
     blocks = decoder_blocks(model)
     layers = parse_layers(layers_spec, len(blocks), "--layers")
     chosen = [b for b in blocks if b.index in layers]
