@@ -10,23 +10,38 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import TOY, write_jsonl
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def run(args: list, env: dict | None = None, module: list | None = None) -> subprocess.CompletedProcess:
-    command = TORCHRUN + (module or ["-m", "functionalnetworkssft.fnsft_trainer"]) + [str(a) for a in args]
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = {
+    "torchrun fnsft_trainer": TORCHRUN + ["-m", "functionalnetworkssft.fnsft_trainer"],
+    "torchrun functionalnetworkssft train": TORCHRUN + ["-m", "functionalnetworkssft", "train"],
+    "accelerate launch": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "examples" / "accelerate" / "ddp.yaml"), "-m",
+                          "functionalnetworkssft.fnsft_trainer"],
+}
+
+
+def run(args: list, env: dict | None = None, module: list | None = None,
+        launcher: str = "torchrun fnsft_trainer") -> subprocess.CompletedProcess:
+    command = (TORCHRUN + module if module else LAUNCHERS[launcher]) + [str(a) for a in args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def test_two_processes_split_the_data_and_write_one_set_of_outputs(tiny_llama, tmp_path):
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_split_the_data_and_write_one_set_of_outputs(tiny_llama, tmp_path, launcher):
     data = write_jsonl(tmp_path / "d.jsonl", TOY[:16])
     out = tmp_path / "out"
     result = run(["--model_name_or_path", tiny_llama, "--dataset_name_or_path", data, "--output_dir", out,
                   "--use_peft", "--num_train_epochs", "1", "--per_device_train_batch_size", "2", "--validation_split",
-                  "0", "--merge_adapter_with_base", "--sample_prompts", "Tell me about item 3.", "--save_steps", "2"])
+                  "0", "--merge_adapter_with_base", "--sample_prompts", "Tell me about item 3.", "--save_steps", "2"],
+                 launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     # 16 examples, 2 per step on each of 2 processes: 4 steps (one process alone takes 8).
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4

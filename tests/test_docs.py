@@ -12,8 +12,9 @@ from functionalnetworkssft.merge import MergeConfig
 from functionalnetworkssft.networks.command import TemplatesConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-# Flags the README quotes that are not fnsft's: pip's index URL and the merge benchmark script's output file.
-FOREIGN_FLAGS = {"--index-url", "--json"}
+# Flags the README quotes that are not fnsft's: pip's index URL, the benchmark scripts' output file, and the
+# launchers' own (accelerate's config file, torchrun's process count).
+FOREIGN_FLAGS = {"--index-url", "--json", "--config_file", "--nproc_per_node"}
 
 
 def known_flags() -> set[str]:

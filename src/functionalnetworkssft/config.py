@@ -173,7 +173,19 @@ class TrainConfig(Options):
     warmup_ratio: float = arg("Fraction of the steps spent warming the learning rate up.", default=0.03, minimum=0,
                               below=1)
     gradient_checkpointing: bool = arg(
-        "Recompute activations in the backward pass: less memory, about a third more compute.", default=False)
+        "Recompute activations in the backward pass: less memory, about a third more compute. Works with LoRA.",
+        default=False)
+    padding_free: bool = arg(
+        "Concatenate each batch's examples into one row with positions restarting per example, so no compute is "
+        "spent on padding; attention never crosses examples and the per-token loss is that of padded batches. "
+        "--no_padding_free pads every batch to its longest example instead.", default=True)
+    packing: bool = arg(
+        "Pack examples into rows of --max_seq_length tokens (best-fit decreasing, each example whole, positions "
+        "restarting), exact as --padding_free is; fewer, fuller rows.", default=False)
+    group_by_length: bool = arg("Batch examples of similar length together (less padding with --no_padding_free).",
+                                default=False)
+    use_liger_kernel: bool = arg("Use the Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy) where the "
+                                 "liger-kernel package is installed.", default=False)
     seed: int = arg("Random seed for initialisation, shuffling and the validation split.", default=42, minimum=0,
                     below=2**32)
 
@@ -269,6 +281,8 @@ class TrainConfig(Options):
                     found.append(f"--{name} needs --mask_mode lesion or preserve.")
         if any(i < 0 for i in self.ica_component_ids):
             found.append("--ica_component_ids must be non-negative component numbers.")
+        if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+            found.append("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel.")
         unknown_trackers = set(self.report_to) - {"none", "tensorboard", "wandb", "all"}
         if unknown_trackers:
             found.append(f"--report_to: unknown tracker(s) {', '.join(sorted(unknown_trackers))}; "
@@ -372,9 +386,14 @@ def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
                      description=(cls.__doc__ or "").strip() or None, formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", action=_ConfigOnce,
                         help="YAML file whose keys are flag names; flags on the command line override it.")
+    from transformers.hf_argparser import string_to_bool
+
     for action in builder._actions:
         if action.dest == "help":
             continue
+        if action.type is string_to_bool and action.nargs is None:
+            # An optional bool (None = decided at run time) is still switched on by the flag alone.
+            action.nargs, action.const = "?", True
         if action.option_strings and action.option_strings[0].startswith("--no_"):
             action.help = f"Turn off {action.option_strings[0].replace('--no_', '--')}."
         # A required value may come from the config file instead; `parse` checks it once both are read.
