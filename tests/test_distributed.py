@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TOY, write_jsonl
+from hostile import train_with_callback
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -58,25 +59,12 @@ def test_two_processes_split_the_data_and_write_one_set_of_outputs(tiny_llama, t
                                                      "run_config.yaml", "samples.json", "trainer_state.json"]
 
 
-KILL_RANK_1 = """
-import os, signal, sys
-from transformers import TrainerCallback
-import trl
-
+KILL_RANK_1 = train_with_callback("""
 class Callback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if os.environ.get("RANK") == "1" and state.global_step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
-
-original_init = trl.SFTTrainer.__init__
-def patched(self, *a, **k):
-    original_init(self, *a, **k)
-    self.add_callback(Callback())
-trl.SFTTrainer.__init__ = patched
-
-from functionalnetworkssft.cli import main
-sys.exit(main(["train", *sys.argv[1:]]))
-"""
+""")
 
 
 def test_a_rank_that_dies_ends_the_run_with_a_failure(tiny_llama, tmp_path):
