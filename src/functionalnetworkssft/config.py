@@ -34,19 +34,39 @@ TRAINING_RECORD = "fnsft_training.json"
 MERGE_REPORT = "merge_report.json"
 # A config file is a handful of keys; anything larger is a mistake or an attack, refused before it is parsed.
 CONFIG_MAX_BYTES = 1 << 20
-# Field metadata key of the bounds declared with `arg`; argparse never sees it.
+# Field metadata keys of the bounds and aliases declared with `arg`; argparse never sees them.
 BOUNDS = "fnsft_bounds"
+ALIASES = "fnsft_aliases"
+# The config-file key whose mapping goes to SFTConfig as it is (TrainConfig.trainer_overrides).
+TRAINER_KEY = "trainer"
+# TRL's names for the opposite of --train_on_prompt.
+INVERTED_ALIASES = {"assistant_only_loss": "train_on_prompt", "completion_only_loss": "train_on_prompt"}
+# The experiment trackers transformers integrates (INTEGRATION_TO_CALLBACK), each with the package it needs.
+TRACKERS = {"azure_ml": "azureml", "comet_ml": "comet_ml", "mlflow": "mlflow", "neptune": "neptune",
+            "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "codecarbon": "codecarbon",
+            "clearml": "clearml", "dagshub": "dagshub", "flyte": "flytekit", "dvclive": "dvclive",
+            "swanlab": "swanlab", "kubeflow": "kubeflow"}
+# SFTConfig fields fnsft sets from its own flags or manages itself: a `trainer:` mapping may not set them.
+MANAGED_TRAINER_FIELDS = frozenset({
+    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "activation_checkpointing", "gradient_checkpointing", "learning_rate",
+    "warmup_steps", "warmup_ratio", "logging_steps", "save_strategy", "save_steps", "save_total_limit",
+    "eval_strategy", "eval_steps", "report_to", "seed", "data_seed", "bf16", "fp16", "max_length", "padding_free",
+    "packing", "train_sampling_strategy", "use_liger_kernel", "use_cpu", "lr_scheduler_type", "weight_decay",
+    "optim", "max_grad_norm", "adam_beta1", "adam_beta2", "load_best_model_at_end", "dataloader_num_workers",
+    "neftune_noise_alpha", "push_to_hub", "hub_model_id", "hub_token", "resume_from_checkpoint"})
 
 
 def arg(help: str, *, minimum: float | None = None, maximum: float | None = None, below: float | None = None,
-        positive: bool = False, hint: str | None = None, **kwargs: Any) -> Any:
+        positive: bool = False, hint: str | None = None, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """A dataclass field whose help text is the single source for --help, the README and error messages.
 
     The bounds are checked by `field_problems` for every command alike: `positive` (> 0), `minimum` (>=),
-    `maximum` (<=), `below` (<). `hint` is appended to the message when a value is out of bounds.
+    `maximum` (<=), `below` (<). `hint` is appended to the message when a value is out of bounds. `aliases` are other
+    spellings of the flag (TRL's names) accepted on the command line and as config-file keys.
     """
     bounds = {"minimum": minimum, "maximum": maximum, "below": below, "positive": positive, "hint": hint}
-    return field(metadata={"help": help, BOUNDS: bounds}, **kwargs)
+    return field(metadata={"help": help, BOUNDS: bounds, ALIASES: aliases}, **kwargs)
 
 
 class Options:
@@ -127,27 +147,34 @@ class TrainConfig(Options):
     )
     dataset_name_or_path: str = arg(
         "Training data: a .json, .jsonl, .csv or .parquet file, a folder written by datasets.save_to_disk, or a Hub "
-        "dataset id."
+        "dataset id.", aliases=("dataset_name",)
     )
     output_dir: str = arg("Folder for checkpoints, final_model/, adapter/, merged_model/ and run records.")
-    dataset_config_name: str | None = arg("Configuration name of a Hub dataset.", default=None)
+    dataset_config_name: str | None = arg("Configuration name of a Hub dataset.", default=None,
+                                          aliases=("dataset_config",))
+    model_revision: str | None = arg("Branch, tag or commit of a Hub model to load (default: main).", default=None)
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
         "Dtype to load the base model in for training. auto: the checkpoint's dtype on a GPU, float32 on CPU "
         "(half-precision training on CPU is slow and imprecise). Merged models are always saved in the base's dtype.",
-        default="auto",
+        default="auto", aliases=("dtype",)
     )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = \
+        arg("Attention kernels (default: the model's, usually sdpa); flash attention needs a GPU and its package.",
+            default=None)
     trust_remote_code: bool = arg("Allow model code from the Hub to run. Off by default: only enable for repos you trust.",
                                   default=False)
 
     # Data
-    max_seq_length: int = arg("Examples longer than this many tokens are truncated.", default=1024, positive=True)
+    max_seq_length: int = arg("Examples longer than this many tokens are truncated.", default=1024, positive=True,
+                              aliases=("max_length",))
     validation_split: float = arg(
         "Fraction of the data held out for evaluation when the dataset has no validation split (seeded shuffle); "
         "0 disables evaluation.",
         default=0.1, minimum=0, below=1, hint="0 disables evaluation",
     )
     train_on_prompt: bool = arg(
-        "Compute the loss on prompt/user/system tokens too. By default only assistant (completion) tokens are trained.",
+        "Compute the loss on prompt/user/system tokens too. By default only assistant (completion) tokens are trained. "
+        "TRL's --assistant_only_loss / --completion_only_loss are accepted and mean the opposite.",
         default=False,
     )
 
@@ -160,8 +187,14 @@ class TrainConfig(Options):
         "Module names (or suffixes) that get LoRA adapters; all-linear means every linear layer but the output head.",
         default_factory=lambda: ["all-linear"],
     )
-    use_4bit: bool = arg("QLoRA: load the base in 4-bit NF4 with bitsandbytes (needs --use_peft).", default=False)
-    use_8bit: bool = arg("Load the base in 8-bit with bitsandbytes (needs --use_peft).", default=False)
+    use_rslora: bool = arg("rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.", default=False)
+    use_dora: bool = arg("DoRA: learn a magnitude per output feature besides the LoRA direction.", default=False)
+    lora_modules_to_save: list[str] = arg("Modules trained whole and saved with the adapter (e.g. lm_head "
+                                          "embed_tokens after adding tokens).", default_factory=list)
+    use_4bit: bool = arg("QLoRA: load the base in 4-bit NF4 with bitsandbytes (needs --use_peft).", default=False,
+                         aliases=("load_in_4bit",))
+    use_8bit: bool = arg("Load the base in 8-bit with bitsandbytes (needs --use_peft).", default=False,
+                         aliases=("load_in_8bit",))
 
     # Optimisation
     num_train_epochs: float = arg("Passes over the training data (ignored when --max_steps is set).", default=3.0)
@@ -172,6 +205,22 @@ class TrainConfig(Options):
                                       default=None, positive=True)
     warmup_ratio: float = arg("Fraction of the steps spent warming the learning rate up.", default=0.03, minimum=0,
                               below=1)
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                               "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+                               "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy"] = arg(
+        "Learning-rate schedule after the warm-up.", default="linear")
+    weight_decay: float = arg("Decoupled weight decay (AdamW).", default=0.0, minimum=0)
+    optim: str = arg("Optimizer, by its transformers name (adamw_torch, adamw_torch_fused, adafactor, sgd, "
+                     "paged_adamw_8bit, ...).", default="adamw_torch")
+    max_grad_norm: float = arg("Clip the gradient norm to this; 0 turns clipping off.", default=1.0, minimum=0)
+    adam_beta1: float = arg("AdamW's beta1.", default=0.9, minimum=0, below=1)
+    adam_beta2: float = arg("AdamW's beta2.", default=0.999, minimum=0, below=1)
+    bf16: bool = arg("bfloat16 mixed precision (the weights stay in their dtype; works on CPU too).", default=False)
+    fp16: bool = arg("float16 mixed precision with loss scaling (needs a CUDA GPU).", default=False)
+    dataloader_num_workers: int = arg("Processes that prepare batches (0: in the training process).", default=0,
+                                      minimum=0)
+    neftune_noise_alpha: float | None = arg("NEFTune: add noise of this scale to the embeddings in training.",
+                                            default=None, positive=True)
     gradient_checkpointing: bool = arg(
         "Recompute activations in the backward pass: less memory, about a third more compute. Works with LoRA.",
         default=False)
@@ -194,9 +243,18 @@ class TrainConfig(Options):
     save_steps: int = arg("Save a checkpoint every this many steps.", default=500, positive=True)
     eval_steps: int | None = arg("Evaluate every this many steps (default: --save_steps).", default=None,
                                  positive=True)
+    eval_strategy: Literal["steps", "epoch", "no"] = arg(
+        "When to evaluate on the validation data: every --eval_steps, every epoch, or never.", default="steps")
+    save_strategy: Literal["steps", "epoch", "no"] = arg(
+        "When to save a checkpoint: every --save_steps, every epoch, or never.", default="steps")
+    per_device_eval_batch_size: int = arg("Examples per device per evaluation batch.", default=8, positive=True)
+    load_best_model_at_end: bool = arg(
+        "Finish with the checkpoint of the lowest validation loss (needs evaluation and checkpoints on the same "
+        "schedule).", default=False)
     save_total_limit: int = arg("Keep at most this many checkpoints (oldest deleted first); 0 keeps all.", default=3,
                                 minimum=0)
-    report_to: list[str] = arg("Experiment trackers to log to: none, tensorboard, wandb.",
+    report_to: list[str] = arg("Experiment trackers to log to: none, all, or any transformers integrates (tensorboard, "
+                               "wandb, trackio, mlflow, comet_ml, swanlab, clearml, ...); each checked for its package.",
                                default_factory=lambda: ["none"])
     resume_from_checkpoint: str | None = arg(
         "Resume from a checkpoint folder, or 'latest' for the newest complete checkpoint in --output_dir.",
@@ -240,7 +298,8 @@ class TrainConfig(Options):
         "Upload merged_model/ instead of the adapter (needs --merge_adapter_with_base and --push_to_hub).",
         default=False,
     )
-    hub_repo_id: str | None = arg("Hub repository to upload to, as user-or-org/name.", default=None)
+    hub_repo_id: str | None = arg("Hub repository to upload to, as user-or-org/name.", default=None,
+                                  aliases=("hub_model_id",))
     hub_private: bool = arg("Create the Hub repo private (--no_hub_private: public). An existing repo's visibility is "
                             "never changed.", default=True)
     hub_commit_message: str | None = arg("Commit message of the upload; 'Upload <kind> with fnsft' when not given.",
@@ -249,6 +308,8 @@ class TrainConfig(Options):
                                    default=None)
     hub_token: str | None = arg("Hub token. Wins over HF_TOKEN, which wins over the cached `hf auth login` (the order "
                                 "huggingface_hub uses). Never written to disk.", default=None)
+    # Any other SFTConfig/TrainingArguments field, from a `trainer:` mapping in the config file (no flag).
+    trainer_overrides: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def problems(self) -> list[str]:
         """Every rule this configuration breaks, one line each, naming the flag and the fix."""
@@ -281,15 +342,63 @@ class TrainConfig(Options):
                     found.append(f"--{name} needs --mask_mode lesion or preserve.")
         if any(i < 0 for i in self.ica_component_ids):
             found.append("--ica_component_ids must be non-negative component numbers.")
+        found.extend(self._trainer_problems())
         if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             found.append("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel.")
-        unknown_trackers = set(self.report_to) - {"none", "tensorboard", "wandb", "all"}
+        unknown_trackers = set(self.report_to) - {"none", "all", *TRACKERS}
         if unknown_trackers:
-            found.append(f"--report_to: unknown tracker(s) {', '.join(sorted(unknown_trackers))}; "
-                         "use none, tensorboard or wandb.")
-        for tracker, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            found.append(f"--report_to: unknown tracker(s) {', '.join(sorted(unknown_trackers))}; use none, all or "
+                         f"one of {', '.join(sorted(TRACKERS))}.")
+        for tracker, package in TRACKERS.items():
             if tracker in self.report_to and importlib.util.find_spec(package) is None:
                 found.append(f"--report_to {tracker} needs the {package} package: pip install {package}.")
+        return found
+
+    def _trainer_problems(self) -> list[str]:
+        """The Trainer knobs: combinations that cannot work, and the `trainer:` mapping of the config file."""
+        import torch
+
+        found = []
+        if self.bf16 and self.fp16:
+            found.append("--bf16 and --fp16 exclude each other; keep one.")
+        if self.fp16 and not torch.cuda.is_available():
+            found.append("--fp16 needs a CUDA GPU; on CPU use --bf16 or neither.")
+        if self.attn_implementation and self.attn_implementation.startswith("flash"):
+            package = "flash_attn" if self.attn_implementation == "flash_attention_2" else "flash_attn_interface"
+            if not torch.cuda.is_available() or importlib.util.find_spec(package) is None:
+                found.append(f"--attn_implementation {self.attn_implementation} needs a CUDA GPU and the {package} "
+                             "package; use sdpa.")
+        if self.load_best_model_at_end:
+            if self.eval_strategy == "no" or self.validation_split == 0:
+                found.append("--load_best_model_at_end needs evaluation: a --validation_split above 0 (or a validation "
+                             "split in the data) and --eval_strategy steps or epoch.")
+            elif self.eval_strategy != self.save_strategy:
+                found.append(f"--load_best_model_at_end needs --save_strategy to match --eval_strategy "
+                             f"({self.eval_strategy}).")
+            elif self.eval_strategy == "steps" and self.save_steps % self.effective_eval_steps:
+                found.append(f"--load_best_model_at_end needs --save_steps ({self.save_steps}) to be a multiple of "
+                             f"--eval_steps ({self.effective_eval_steps}).")
+        if self.mask_mode != "none" and self.use_dora:
+            found.append("--use_dora rescales every output row, so no row can be held: drop --use_dora or "
+                         "--mask_mode.")
+        from transformers.training_args import OptimizerNames
+
+        optimizers = {o.value for o in OptimizerNames}
+        if self.optim not in optimizers:
+            close = difflib.get_close_matches(self.optim, sorted(optimizers), n=1)
+            found.append(f"--optim {self.optim}: not an optimizer transformers knows"
+                         + (f"; did you mean {close[0]}?" if close else "; see transformers' OptimizerNames."))
+        if self.trainer_overrides:
+            from trl import SFTConfig
+
+            known = {f.name for f in dataclasses.fields(SFTConfig)}
+            for key in self.trainer_overrides:
+                if key in MANAGED_TRAINER_FIELDS:
+                    found.append(f"trainer: {key} is set by fnsft; use its flag (--{key}) or leave it out.")
+                elif key not in known:
+                    close = difflib.get_close_matches(key, sorted(known), n=1)
+                    found.append(f"trainer: unknown SFTConfig field '{key}'"
+                                 + (f"; did you mean '{close[0]}'?" if close else "."))
         return found
 
     @property
@@ -310,6 +419,9 @@ class TrainConfig(Options):
                 values[name] = MASK
         values["learning_rate"] = self.effective_learning_rate
         values["eval_steps"] = self.effective_eval_steps
+        overrides = values.pop("trainer_overrides", None)
+        if overrides:
+            values["trainer"] = overrides  # the config-file key it came from, so the file can be run again
         return values
 
 
@@ -326,6 +438,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         if not action.option_strings:
             return super()._format_action_invocation(action)
         flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        aliases = getattr(action, "fnsft_aliases", ())
+        if aliases:
+            flag += "".join(f" | --{alias}" for alias in aliases)
         if action.nargs == 0 or (action.nargs == "?" and action.const is True):
             return flag
         metavar = self.METAVARS.get(action.type, "VALUE") if action.metavar is None else action.metavar
@@ -376,12 +491,14 @@ def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
         def _parse_dataclass_field(parser, dataclass_field):
             # HfArgumentParser hands a field's metadata to add_argument; the bounds are ours alone.
             plain = copy.copy(dataclass_field)
-            plain.metadata = types.MappingProxyType({k: v for k, v in dataclass_field.metadata.items() if k != BOUNDS})
+            plain.metadata = types.MappingProxyType({k: v for k, v in dataclass_field.metadata.items()
+                                                     if k not in (BOUNDS, ALIASES)})
             HfArgumentParser._parse_dataclass_field(parser, plain)
 
     # HfArgumentParser turns typed fields into flags (bools accept `--flag` alone, Literals become choices);
     # it is reused as a builder so that our parser keeps one-line errors.
     builder = Builder(cls)
+    fields = {f.name: f.metadata.get(ALIASES, ()) for f in dataclasses.fields(cls)}
     parser = _Parser(prog=prog, usage="%(prog)s [--config FILE.yaml] [--flag VALUE ...]",
                      description=(cls.__doc__ or "").strip() or None, formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", action=_ConfigOnce,
@@ -399,8 +516,23 @@ def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
         # A required value may come from the config file instead; `parse` checks it once both are read.
         action.fnsft_required = action.required  # type: ignore[attr-defined]
         action.required = False
+        aliases = fields.get(action.dest, ())
+        if aliases and not action.option_strings[0].startswith("--no_"):
+            action.option_strings.extend(f"--{alias}" for alias in aliases)
+            action.fnsft_aliases = aliases  # type: ignore[attr-defined]
         parser._add_action(action)
+    for alias, dest in INVERTED_ALIASES.items():
+        if dest in fields:
+            parser.add_argument(f"--{alias}", dest=dest, nargs="?", const=True, type=string_to_bool,
+                                action=_Inverted, help=argparse.SUPPRESS)
     return parser
+
+
+class _Inverted(argparse.Action):
+    """A flag that means the opposite of the field it sets (TRL's --assistant_only_loss for --train_on_prompt)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, not values)
 
 
 def parse(cls: type[T], argv: list[str] | None, prog: str) -> T:
@@ -408,21 +540,41 @@ def parse(cls: type[T], argv: list[str] | None, prog: str) -> T:
     import sys
 
     parser = build_parser(cls, prog)
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    actions = {a.dest: a for a in parser._actions
+               if a.dest not in ("help", "config") and not isinstance(a, _Inverted)}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_two_spellings(parser, argv)
     # Every field starts unset, so that only what the command line really gave overrides the file.
     namespace = argparse.Namespace(**{dest: _UNSET for dest in [*actions, "config"]})
-    parser.parse_args(list(sys.argv[1:] if argv is None else argv), namespace)
+    parser.parse_args(argv, namespace)
     given = {dest: value for dest, value in vars(namespace).items() if value is not _UNSET}
     config_file = given.pop("config", None)
-    values = read_config_file(config_file, actions, prog) if config_file is not None else {}
+    accepts_trainer = any(f.name == "trainer_overrides" for f in dataclasses.fields(cls))
+    values = read_config_file(config_file, actions, prog, accepts_trainer) if config_file is not None else {}
     values.update(given)
     missing = [f"--{dest} is required (or {dest}: in the --config file)" if config_file else f"--{dest} is required"
                for dest, action in actions.items() if action.fnsft_required and dest not in values]
     if missing:
         raise UsageError([f"{line}; see {prog} --help." for line in missing])
-    cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+    overrides = values.pop(TRAINER_KEY, None)
+    cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values and f.init})
+    if overrides:
+        cfg.trainer_overrides = overrides
     cfg.config_file = config_file
     return cfg
+
+
+def _refuse_two_spellings(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A flag given under two of its names (--max_length and --max_seq_length): which one wins would be a guess."""
+    seen: dict[str, str] = {}
+    for word in argv:
+        option = word.split("=", 1)[0]
+        action = parser._option_string_actions.get(option) if option.startswith("--") else None
+        if action is None:
+            continue
+        first = seen.setdefault(action.dest, option)
+        if first != option:
+            raise UsageError(f"{first} and {option} set the same value; give one of them.")
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -473,24 +625,42 @@ def load_yaml_file(path: str, flag: str = "--config") -> Any:
         raise UsageError(f"{flag} {path}: nested too deeply to be a config file.") from None
 
 
-def read_config_file(path: str, actions: dict[str, argparse.Action], prog: str) -> dict[str, Any]:
-    """Field values from a YAML mapping of flag names, each converted with its field's type; every problem listed."""
+def read_config_file(path: str, actions: dict[str, argparse.Action], prog: str,
+                     accepts_trainer: bool = False) -> dict[str, Any]:
+    """Field values from a YAML mapping of flag names (or their aliases), each converted with its field's type; every
+    problem listed. With `accepts_trainer`, a `trainer:` mapping is passed on as it is (checked by the config)."""
     loaded = load_yaml_file(path)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {_yaml_kind(loaded)}.")
-    problems, values = [], {}
+    names = {dest: dest for dest in actions}
+    names.update({alias: dest for dest, action in actions.items() for alias in getattr(action, "fnsft_aliases", ())})
+    inverted = {alias: dest for alias, dest in INVERTED_ALIASES.items() if dest in actions}
+    problems, values, spelled = [], {}, {}
     for key, value in loaded.items():
-        if not isinstance(key, str) or key not in actions:
-            close = difflib.get_close_matches(str(key), list(actions), n=1)
-            problems.append(f"--config {path}: unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else
-                                                                         f"; see {prog} --help for the keys."))
+        if key == TRAINER_KEY and accepts_trainer:
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                problems.append(f"--config {path}: key '{TRAINER_KEY}' expects a mapping of SFTConfig field names to "
+                                f"values, got {_yaml_kind(value)}.")
+            else:
+                values[TRAINER_KEY] = dict(value)
             continue
+        if not isinstance(key, str) or (key not in names and key not in inverted):
+            close = difflib.get_close_matches(str(key), [*names, *inverted], n=1)
+            problems.append(f"--config {path}: unknown key '{key}'" + (
+                f"; did you mean '{close[0]}'?" if close else f"; see {prog} --help for the keys."))
+            continue
+        dest = names.get(key) or inverted[key]
+        if dest in spelled:
+            problems.append(f"--config {path}: keys '{spelled[dest]}' and '{key}' set the same value; keep one.")
+            continue
+        spelled[dest] = key
         if value is None:
             continue  # `key:` with no value keeps the default
         try:
-            values[key] = _convert(actions[key], value)
+            converted = _convert(actions[dest], value)
+            values[dest] = (not converted) if key in inverted else converted
         except ValueError as exc:
             problems.append(f"--config {path}: key '{key}' {exc}.")
     if problems:

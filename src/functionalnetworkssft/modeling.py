@@ -38,6 +38,7 @@ class ModelSource:
     given: str
     path: str
     hub_id: str | None = None
+    revision: str | None = None  # of a Hub model
 
     @property
     def is_local(self) -> bool:
@@ -50,7 +51,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def resolve(name_or_path: str, flag: str = "--model_name_or_path") -> ModelSource:
+def resolve(name_or_path: str, flag: str = "--model_name_or_path", revision: str | None = None) -> ModelSource:
     """Turn what the user gave into a folder or Hub id that transformers can load, converting GGUF once."""
     given = name_or_path
     if name_or_path.startswith(PACKAGE_PREFIX):
@@ -74,7 +75,7 @@ def resolve(name_or_path: str, flag: str = "--model_name_or_path") -> ModelSourc
         return ModelSource(given, str(path.resolve()), _recorded_hub_id(path))
     if path.exists():
         raise FnsftError(f"{flag} {given}: not a model folder, .gguf file or Hub id.")
-    return ModelSource(given, name_or_path, name_or_path)
+    return ModelSource(given, name_or_path, name_or_path, revision)
 
 
 def _recorded_hub_id(folder: Path) -> str | None:
@@ -184,7 +185,8 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                  revision=source.revision)
     except Exception as exc:  # OSError, ValueError, tokenizers' own: a damaged or foreign folder, one line
         raise FnsftError(f"--model_name_or_path {source.given}: could not load a tokenizer "
                          f"({_load_failure(exc)}); re-download or re-save its tokenizer files.") from None
@@ -232,10 +234,13 @@ def quantization_config(use_4bit: bool, use_8bit: bool, compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype if compute_dtype != "auto" else torch.bfloat16)
 
 
-def load_model(source: ModelSource, dtype, quant=None, trust_remote_code: bool = False):
+def load_model(source: ModelSource, dtype, quant=None, trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": source.revision}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quant is not None:
         import torch
 

@@ -52,7 +52,7 @@ def run(cfg: TrainConfig) -> Path:
 
     with folder.claim("fnsft train"):
         raw = data.load(cfg.dataset_name_or_path, cfg.dataset_config_name, cfg.validation_split, cfg.seed)
-        source = modeling.resolve(cfg.model_name_or_path)
+        source = modeling.resolve(cfg.model_name_or_path, revision=cfg.model_revision)
         problem = modeling.remote_code_problem(source, cfg.trust_remote_code)
         if problem:
             raise UsageError(problem)
@@ -62,7 +62,7 @@ def run(cfg: TrainConfig) -> Path:
 
         dtype = modeling.training_dtype(cfg.torch_dtype, source)
         quant = modeling.quantization_config(cfg.use_4bit, cfg.use_8bit, dtype)
-        model = modeling.load_model(source, dtype, quant, cfg.trust_remote_code)
+        model = modeling.load_model(source, dtype, quant, cfg.trust_remote_code, cfg.attn_implementation)
         if cfg.use_peft and (problems := modeling.lora_problems(model, cfg.lora_target_modules, cfg.lora_r)):
             raise UsageError(problems)
         quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
@@ -341,36 +341,30 @@ def _describe_batching(cfg: TrainConfig, model) -> str:
     return f"{layout}{', grouped by length' if grouped else ''} ({attention} attention)"
 
 
-def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quantized: bool, guard: _RunGuard):
-    import torch
+def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
-    from transformers import set_seed
+    targets = cfg.lora_target_modules
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear" if targets == ["all-linear"] else targets,
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                      modules_to_save=cfg.lora_modules_to_save or None, task_type="CAUSAL_LM")
 
-    # The adapter's initial weights come from the global generator: seed it here, so that they do not depend on
-    # what ran before (samples, template building).
-    set_seed(cfg.seed)
-    peft_config = None
-    if cfg.use_peft:
-        targets = cfg.lora_target_modules
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules="all-linear" if targets == ["all-linear"] else targets,
-                                 task_type="CAUSAL_LM")
-        if quantized:
-            from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    # Mixed precision is a GPU feature; on CPU a half-precision model simply trains in its own dtype.
-    half = model.dtype if model.dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available() else None
+def sft_config(cfg: TrainConfig, evaluating: bool, half=None):
+    """The SFTConfig of a run: fnsft's flags, then any other field from the config file's `trainer:` mapping."""
+    import torch
+    from trl import SFTConfig
+
     padding_free, grouped = batching(cfg)
-    evaluating = eval_set is not None
-    args = SFTConfig(
+    evaluating = evaluating and cfg.eval_strategy != "no"
+    return SFTConfig(
+        **cfg.trainer_overrides,  # checked against SFTConfig's fields up front; fnsft's own flags are set below
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         activation_checkpointing=cfg.gradient_checkpointing,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -382,16 +376,25 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quan
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a fraction of the steps
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        save_strategy="steps",
+        save_strategy=cfg.save_strategy,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit or None,
-        eval_strategy="steps" if evaluating else "no",
-        eval_steps=cfg.effective_eval_steps if evaluating else None,
+        eval_strategy=cfg.eval_strategy if evaluating else "no",
+        eval_steps=cfg.effective_eval_steps if evaluating and cfg.eval_strategy == "steps" else None,
+        load_best_model_at_end=cfg.load_best_model_at_end and evaluating,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        max_grad_norm=cfg.max_grad_norm,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        neftune_noise_alpha=cfg.neftune_noise_alpha,
         report_to="none" if cfg.report_to == ["none"] else cfg.report_to,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=half == torch.bfloat16,
-        fp16=half == torch.float16,
+        bf16=cfg.bf16 or half == torch.bfloat16,
+        fp16=cfg.fp16 or half == torch.float16,
         # Examples are already cut to --max_seq_length when tokenized; packing cuts rows to it as well.
         max_length=cfg.max_seq_length if cfg.packing else None,
         padding_free=padding_free,
@@ -401,6 +404,24 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quan
         use_liger_kernel=cfg.use_liger_kernel,
         dataset_num_proc=None,
     )
+
+
+def _build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quantized: bool, guard: _RunGuard):
+    import torch
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    # The adapter's initial weights come from the global generator: seed it here, so that they do not depend on
+    # what ran before (samples, template building).
+    set_seed(cfg.seed)
+    peft_config = lora_config(cfg) if cfg.use_peft else None
+    if cfg.use_peft and quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    # Mixed precision is a GPU feature; on CPU a half-precision model simply trains in its own dtype.
+    half = model.dtype if model.dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available() else None
+    args = sft_config(cfg, eval_set is not None, half)
     # A packed row is exact only when the model builds its attention mask from the restarting positions, which it
     # does when no attention mask is given and no KV cache is built: training never needs one.
     model.config.use_cache = False
