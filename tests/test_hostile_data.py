@@ -79,7 +79,7 @@ def test_unknown_roles_are_refused_by_name_in_both_chat_formats(tmp_path):
     with pytest.raises(DataError) as caught:
         load(tmp_path, rows)
     assert str(caught.value) == (f"{tmp_path / 'd.jsonl'}: training data: 1 with an unknown role 'narrator' (use "
-                                 "system, user, assistant; ShareGPT: human, gpt, system) (first: example 1).")
+                                 "system, user, assistant, tool; ShareGPT: human, gpt, system) (first: example 1).")
     with pytest.raises(DataError, match="unknown role 'wizard'"):
         load(tmp_path, [{"conversations": [{"from": "wizard", "value": "x"}, {"from": "gpt", "value": "y"}]}],
              "s.jsonl")

@@ -152,6 +152,11 @@ class TrainConfig(Options):
     output_dir: str = arg("Folder for checkpoints, final_model/, adapter/, merged_model/ and run records.")
     dataset_config_name: str | None = arg("Configuration name of a Hub dataset.", default=None,
                                           aliases=("dataset_config",))
+    dataset_text_field: str = arg("Column of plain-text data (for data with no chat or prompt/completion columns).",
+                                  default="text")
+    chat_template_path: str | None = arg(
+        "Chat template for training, saved with final_model/ and merged_model/: a .jinja file, or a tokenizer folder "
+        "whose template to use (gives a base model one, or replaces the model's).", default=None)
     model_revision: str | None = arg("Branch, tag or commit of a Hub model to load (default: main).", default=None)
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
         "Dtype to load the base model in for training. auto: the checkpoint's dtype on a GPU, float32 on CPU "

@@ -24,7 +24,7 @@ FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "p
 FOLDER_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
                 ".arrow": "arrow", ".txt": "text"}
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 PROMPT_COMPLETION_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"))
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -50,7 +50,8 @@ class RawData:
 # Reading
 
 
-def load(name_or_path: str, config_name: str | None, validation_split: float, seed: int) -> RawData:
+def load(name_or_path: str, config_name: str | None, validation_split: float, seed: int,
+         text_field: str = "text") -> RawData:
     """Read, check and normalise the dataset; carve a validation split when it has none."""
     splits = _read(name_or_path, config_name)
     train_key = "train" if "train" in splits else next(iter(splits))
@@ -58,11 +59,11 @@ def load(name_or_path: str, config_name: str | None, validation_split: float, se
     validation = next((splits[k] for k in VALIDATION_SPLITS if k in splits and k != train_key), None)
     if len(train) == 0:
         raise DataError(f"{name_or_path}: the dataset is empty (no examples in split '{train_key}').")
-    fmt = detect_format(_columns(train), name_or_path)
-    train = _normalise(train, fmt, name_or_path)
+    fmt = detect_format(_columns(train), name_or_path, text_field)
+    train = _normalise(train, fmt, name_or_path, text_field=text_field)
     if validation is not None and len(validation):
-        validation = _normalise(validation, detect_format(_columns(validation), name_or_path), name_or_path,
-                                "validation")
+        validation = _normalise(validation, detect_format(_columns(validation), name_or_path, text_field),
+                                name_or_path, "validation", text_field)
     elif validation_split > 0 and len(train) >= 2:
         n_eval = max(1, round(len(train) * validation_split))
         if n_eval >= len(train):
@@ -215,7 +216,7 @@ def _columns(rows) -> list[str]:
 # Formats
 
 
-def detect_format(columns: list[str], source: str) -> str:
+def detect_format(columns: list[str], source: str, text_field: str = "text") -> str:
     cols = set(columns)
     if "messages" in cols:
         return "messages"
@@ -226,10 +227,11 @@ def detect_format(columns: list[str], source: str) -> str:
     for prompt, completion in PROMPT_COMPLETION_PAIRS:
         if {prompt, completion} <= cols:
             return "prompt_completion"
-    if "text" in cols:
+    if text_field in cols:
         return "text"
+    hint = "" if text_field != "text" else "; for plain text under another column, pass --dataset_text_field NAME"
     raise DataError(f"{source}: columns {sorted(cols)} match no supported format; supported: "
-                    f"{'; '.join(SUPPORTED_FORMATS)}.")
+                    f"{'; '.join(SUPPORTED_FORMATS)}{hint}.")
 
 
 class _Unusable(ValueError):
@@ -251,6 +253,8 @@ PROBLEMS = {
                       "error"),
     "content_bool": ("message content that is true or false, not text", "error"),
     "malformed_message": ("a message that is not a mapping with a role and content", "error"),
+    "malformed_tool_calls": ("tool_calls that are not a list on an assistant message", "error"),
+    "malformed_tools": ("a tools field that is not a list of function definitions", "error"),
     "messages_not_list": ("a conversation that is not a list of messages", "error"),
     "text_not_text": ("a text field that is a list or mapping, not text", "error"),
     "content_number": ("message content that is a number, trained as its text", "note"),
@@ -293,31 +297,13 @@ class _Tally:
             raise DataError(f"{self.source}: no usable {self.split} example is left; see the warnings above.")
 
 
-def to_messages(row: dict, fmt: str, note=lambda kind: None) -> list[dict[str, str]]:
+def to_messages(row: dict, fmt: str, note=lambda kind: None) -> list[dict[str, Any]]:
     """One record as chat messages, system turns kept. Raises _Unusable for content that cannot mean text;
-    `note(kind)` is told of content that was interpreted (a number taken as its text)."""
+    `note(kind)` is told of content that was interpreted (a number taken as its text). Tool calls are kept as JSON
+    text (`tool_calls`), so that records of any shape fit one Arrow column; `chat_messages` turns them back."""
     if fmt in ("messages", "sharegpt"):
-        turns = row["messages" if fmt == "messages" else "conversations"]
-        if isinstance(turns, str):  # CSV and parquet exports often hold the list as a JSON string
-            turns = json.loads(turns)
-        if not isinstance(turns, list):
-            raise _Unusable("messages_not_list")
-        out = []
-        for turn in turns:
-            if not isinstance(turn, dict):
-                raise _Unusable("malformed_message")
-            if fmt == "messages":
-                role, value = turn["role"], turn.get("content")
-                if not isinstance(role, str) or role.lower() not in CHAT_ROLES:
-                    raise _Unusable(f"unknown_role:{role}")
-                role = role.lower()
-            else:
-                speaker = turn.get("from", turn.get("role"))
-                if str(speaker).lower() not in SHAREGPT_ROLES:
-                    raise _Unusable(f"unknown_role:{speaker}")
-                role, value = SHAREGPT_ROLES[str(speaker).lower()], turn.get("value", turn.get("content"))
-            out.append({"role": role, "content": _content(value, note)})
-        return out
+        turns = _turns(row["messages" if fmt == "messages" else "conversations"])
+        return [_message(turn, note, sharegpt=fmt == "sharegpt") for turn in turns]
     system = [{"role": "system", "content": _content(row["system"], note)}] if row.get("system") else []
     if fmt == "alpaca":
         user = _content(row["instruction"], note)
@@ -327,9 +313,73 @@ def to_messages(row: dict, fmt: str, note=lambda kind: None) -> list[dict[str, s
                          {"role": "assistant", "content": _content(row["output"], note)}]
     for prompt, completion in PROMPT_COMPLETION_PAIRS:
         if prompt in row and completion in row:
+            if _is_conversation(row[prompt]) or _is_conversation(row[completion]):
+                # TRL's conversational prompt/completion: both sides are lists of messages.
+                asked = _turns(row[prompt]) if _is_conversation(row[prompt]) else [
+                    {"role": "user", "content": row[prompt]}]
+                answered = _turns(row[completion]) if _is_conversation(row[completion]) else [
+                    {"role": "assistant", "content": row[completion]}]
+                return system + [_message(turn, note) for turn in asked + answered]
             return system + [{"role": "user", "content": _content(row[prompt], note)},
                              {"role": "assistant", "content": _content(row[completion], note)}]
     raise ValueError(f"format {fmt} has no chat form")
+
+
+def _turns(value: Any) -> list:
+    if isinstance(value, str):  # CSV and parquet exports often hold the list as a JSON string
+        value = json.loads(value)
+    if not isinstance(value, list):
+        raise _Unusable("messages_not_list")
+    return value
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _message(turn: Any, note, sharegpt: bool = False) -> dict[str, Any]:
+    if not isinstance(turn, dict):
+        raise _Unusable("malformed_message")
+    if sharegpt:
+        speaker = turn.get("from", turn.get("role"))
+        if str(speaker).lower() not in SHAREGPT_ROLES:
+            raise _Unusable(f"unknown_role:{speaker}")
+        return {"role": SHAREGPT_ROLES[str(speaker).lower()], "content": _content(turn.get("value", turn.get(
+            "content")), note)}
+    role = turn["role"]
+    if not isinstance(role, str) or role.lower() not in CHAT_ROLES:
+        raise _Unusable(f"unknown_role:{role}")
+    message: dict[str, Any] = {"role": role.lower(), "content": _content(turn.get("content"), note)}
+    if turn.get("tool_calls"):
+        if role.lower() != "assistant" or not isinstance(turn["tool_calls"], (list, str)):
+            raise _Unusable("malformed_tool_calls")
+        message["tool_calls"] = turn["tool_calls"] if isinstance(turn["tool_calls"], str) else json.dumps(
+            turn["tool_calls"], sort_keys=True)
+    for key in ("name", "tool_call_id"):
+        if turn.get(key) is not None:
+            message[key] = str(turn[key])
+    return message
+
+
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Normalised messages as a chat template wants them: fields Arrow filled with null dropped, tool calls parsed."""
+    out = []
+    for message in messages:
+        clean = {k: v for k, v in message.items() if v is not None}
+        if "tool_calls" in clean:
+            clean["tool_calls"] = json.loads(clean["tool_calls"])
+        out.append(clean)
+    return out
+
+
+def _tools(value: Any) -> str | None:
+    """A record's tool definitions as JSON text (or None)."""
+    if value is None or value == [] or value == "":
+        return None
+    parsed = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(parsed, list) or not all(isinstance(t, dict) for t in parsed):
+        raise _Unusable("malformed_tools")
+    return json.dumps(parsed, sort_keys=True)
 
 
 def _content(value: Any, note) -> str:
@@ -352,7 +402,7 @@ def _content(value: Any, note) -> str:
     raise _Unusable("content_mapping")
 
 
-def _normalise(rows, fmt: str, source: str, split: str = "training"):
+def _normalise(rows, fmt: str, source: str, split: str = "training", text_field: str = "text"):
     """Reduce every format to `messages` (or `text`). Content that cannot mean text stops the run, empty replies
     are skipped, and both are reported with counts; a structurally malformed record fails with its index."""
     import datasets
@@ -361,7 +411,7 @@ def _normalise(rows, fmt: str, source: str, split: str = "training"):
     if fmt == "text":
         texts, kept_index = [], []
         for index, row in enumerate(rows):
-            value = row.get("text")
+            value = row.get(text_field)
             if isinstance(value, (list, dict)):
                 tally.add("text_not_text", index)
             elif value is None or not str(value).strip():
@@ -380,12 +430,17 @@ def _normalise(rows, fmt: str, source: str, split: str = "training"):
             continue
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"{source}: example {index}: malformed {fmt} record ({first_line(exc)}).") from None
-        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+        try:
+            tools = _tools(row.get("tools"))
+        except (_Unusable, ValueError):
+            tally.add("malformed_tools", index)
+            continue
+        if any(m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in messages):
             tally.add("empty_reply", index)
             continue
-        if any(m["role"] != "assistant" and not m["content"].strip() for m in messages):
+        if any(m["role"] in ("system", "user") and not m["content"].strip() for m in messages):
             tally.add("empty_prompt", index)
-        normalised.append({"messages": messages, "_index": index})
+        normalised.append({"messages": messages, "tools": tools, "_index": index})
     tally.report(len(normalised))
     return datasets.Dataset.from_list(normalised)
 
@@ -414,21 +469,27 @@ def render_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return ids
 
 
-def _segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+def _render(tokenizer, messages: list[dict[str, Any]], tools: list | None = None, **kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+
+
+def _segments(tokenizer, messages: list[dict[str, Any]], tools: list | None = None) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_assistant) pieces whose concatenation is the full render.
 
     Each assistant turn spans from the end of the prompt that asks for it (prefix rendered with
     add_generation_prompt) to the end of the prefix that includes it, so the turn's closing tokens are trained.
     """
-    render = tokenizer.apply_chat_template
-    full = render(messages, tokenize=False)
+    def render(part, **kwargs):
+        return _render(tokenizer, part, tools, **kwargs)
+
+    full = render(messages)
     pieces: list[tuple[str, bool]] = []
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = render(messages[: i + 1], tokenize=False)
+        prompt = render(messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(messages[: i + 1])
         if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= cursor):
             raise _TemplateNotPrefixStable
         pieces += [(full[cursor:len(prompt)], False), (full[len(prompt):len(upto)], True)]
@@ -441,10 +502,10 @@ class _TemplateNotPrefixStable(Exception):
     """The chat template rewrites earlier turns depending on later ones (e.g. drops past reasoning)."""
 
 
-def _last_turn_segments(tokenizer, messages):
+def _last_turn_segments(tokenizer, messages, tools=None):
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages[: last + 1], tokenize=False)
+    prompt = _render(tokenizer, messages[:last], tools, add_generation_prompt=True)
+    full = _render(tokenizer, messages[: last + 1], tools)
     if not full.startswith(prompt):
         raise _TemplateNotPrefixStable
     return [(prompt, False), (full[len(prompt):], True)]
@@ -468,12 +529,13 @@ def tokenize_example(tokenizer, example: dict, train_on_prompt: bool, max_length
         ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"] + [eos]
         mask = [1] * len(ids)
     else:
-        messages = example["messages"]
+        messages = chat_messages(example["messages"])
+        tools = json.loads(example["tools"]) if example.get("tools") else None
         if not any(m["role"] == "assistant" for m in messages) and not train_on_prompt:
             return {"input_ids": [], "assistant_masks": [], "_note": NOTE_NO_ASSISTANT}
         if has_chat_template(tokenizer):
             try:
-                pieces, note = _template_pieces(tokenizer, messages)
+                pieces, note = _template_pieces(tokenizer, messages, tools)
             except Exception as exc:  # the template's own raise_exception, or any error inside the template
                 return {"input_ids": [], "assistant_masks": [], "_note": NOTE_TEMPLATE + first_line(exc)[:200]}
             for text, trained in pieces:
@@ -499,24 +561,26 @@ def tokenize_example(tokenizer, example: dict, train_on_prompt: bool, max_length
     return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length], "_note": note}
 
 
-def _template_pieces(tokenizer, messages) -> tuple[list[tuple[str, bool]], str]:
+def _template_pieces(tokenizer, messages, tools=None) -> tuple[list[tuple[str, bool]], str]:
     """(text, trained) pieces by prefix rendering; where the template rewrites earlier turns, only the last
     assistant turn (NOTE_LAST_TURN), and where even that fails, the whole conversation (NOTE_WHOLE)."""
     try:
-        return _segments(tokenizer, messages), ""
+        return _segments(tokenizer, messages, tools), ""
     except _TemplateNotPrefixStable:
         pass
     if any(m["role"] == "assistant" for m in messages):
         try:
-            return _last_turn_segments(tokenizer, messages), NOTE_LAST_TURN
+            return _last_turn_segments(tokenizer, messages, tools), NOTE_LAST_TURN
         except _TemplateNotPrefixStable:
             pass
-    return [(tokenizer.apply_chat_template(messages, tokenize=False), True)], NOTE_WHOLE
+    return [(_render(tokenizer, messages, tools), True)], NOTE_WHOLE
 
 
 def tokenize(raw: RawData, tokenizer, max_length: int, train_on_prompt: bool) -> tuple[Any, Any | None]:
     """Tokenized train and validation sets. Examples with nothing to train are dropped, and every example that was
     not tokenized as written is counted and reported; a template that rejects the data stops the run."""
+
+    _refuse_tools_without_support(raw, tokenizer)
 
     def run(dataset, split: str):
         if dataset is None:
@@ -542,6 +606,19 @@ def tokenize(raw: RawData, tokenizer, max_length: int, train_on_prompt: bool) ->
         return kept.remove_columns([c for c in ("_note", "_index") if c in kept.column_names])
 
     return run(raw.train, "train"), run(raw.validation, "validation")
+
+
+def _refuse_tools_without_support(raw: RawData, tokenizer) -> None:
+    """Tool definitions and tool calls only mean something to a template that renders them; others drop them."""
+    for dataset in (raw.train, raw.validation):
+        if dataset is None or "messages" not in dataset.column_names:
+            continue
+        tools = dataset["tools"] if "tools" in dataset.column_names else []
+        uses = any(tools) or any(m["role"] == "tool" or m.get("tool_calls") for row in dataset["messages"] for m in row)
+        if uses and "tool" not in (getattr(tokenizer, "chat_template", None) or ""):
+            raise DataError(f"{raw.source}: the data holds tools or tool calls, but the model's chat template has no "
+                            "tool support (it never mentions tools), so they would be dropped or garbled; give a "
+                            "template that has it with --chat_template_path.")
 
 
 def _report_notes(found: dict[str, list], source: str, split: str) -> None:

@@ -180,7 +180,38 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+def read_chat_template(path: str, flag: str = "--chat_template_path") -> str:
+    """A chat template from a .jinja file or a tokenizer folder, checked to compile (one line if it does not)."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from functionalnetworkssft.errors import UsageError
+
+    location = Path(path).expanduser()
+    try:
+        if location.is_dir():
+            template = None
+            if (location / "chat_template.jinja").is_file():
+                template = (location / "chat_template.jinja").read_text(encoding="utf-8")
+            elif (location / "tokenizer_config.json").is_file():
+                template = json.loads((location / "tokenizer_config.json").read_text()).get("chat_template")
+            if not isinstance(template, str) or not template.strip():
+                raise UsageError(f"{flag} {path}: the folder holds no chat template (chat_template.jinja or "
+                                 "tokenizer_config.json's chat_template).")
+        elif location.is_file():
+            template = location.read_text(encoding="utf-8")
+        else:
+            raise UsageError(f"{flag} {path}: no such file or folder.")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag} {path}: cannot be read ({first_line(exc)}).") from None
+    try:
+        ImmutableSandboxedEnvironment().parse(template)
+    except TemplateSyntaxError as exc:
+        raise UsageError(f"{flag} {path}: not a valid Jinja template (line {exc.lineno}: {exc.message}).") from None
+    return template
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, chat_template: str | None = None):
     """The base tokenizer, with a pad token guaranteed (EOS when it has none, as GPT-2 and DialoGPT need)."""
     from transformers import AutoTokenizer
 
@@ -195,6 +226,8 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
                          "could not learn to stop; set eos_token in its tokenizer_config.json.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     tokenizer.padding_side = "right"
     return tokenizer
 

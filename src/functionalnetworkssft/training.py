@@ -36,7 +36,12 @@ def run(cfg: TrainConfig) -> Path:
     folder = OutputFolder(out, writes=_writes(cfg), inputs=_inputs(cfg), overwrite=cfg.overwrite_output_dir,
                           resuming=bool(cfg.resume_from_checkpoint), writer=main)
     resume: checkpoints.Latest | None = None
-    templates = None
+    templates = chat_template = None
+    if not problems and cfg.chat_template_path:
+        try:
+            chat_template = modeling.read_chat_template(cfg.chat_template_path)
+        except UsageError as exc:
+            problems += exc.problems
     if not problems:  # paths are only worth checking once every flag has a usable value
         problems += folder.problems()
         templates, template_problems = _given_templates(cfg, out)
@@ -51,12 +56,13 @@ def run(cfg: TrainConfig) -> Path:
         hub.preflight(cfg.hub_repo_id, hub_token, private=cfg.hub_private, revision=cfg.hub_revision)
 
     with folder.claim("fnsft train"):
-        raw = data.load(cfg.dataset_name_or_path, cfg.dataset_config_name, cfg.validation_split, cfg.seed)
+        raw = data.load(cfg.dataset_name_or_path, cfg.dataset_config_name, cfg.validation_split, cfg.seed,
+                        cfg.dataset_text_field)
         source = modeling.resolve(cfg.model_name_or_path, revision=cfg.model_revision)
         problem = modeling.remote_code_problem(source, cfg.trust_remote_code)
         if problem:
             raise UsageError(problem)
-        tokenizer = modeling.load_tokenizer(source, cfg.trust_remote_code)
+        tokenizer = modeling.load_tokenizer(source, cfg.trust_remote_code, chat_template)
         train_set, eval_set = data.tokenize(raw, tokenizer, cfg.max_seq_length, cfg.train_on_prompt)
         _describe_data(raw, train_set, eval_set, tokenizer)
 
@@ -140,6 +146,7 @@ def _inputs(cfg: TrainConfig) -> dict[str, str]:
     for flag, value in (("--dataset_name_or_path", cfg.dataset_name_or_path),
                         ("--model_name_or_path", cfg.model_name_or_path),
                         ("--config", cfg.config_file),
+                        ("--chat_template_path", cfg.chat_template_path),
                         ("--resume_from_checkpoint", cfg.resume_from_checkpoint)):
         if value and value != "latest" and (Path(value).expanduser().exists() or looks_like_local_path(value)):
             found[flag] = str(Path(value).expanduser())
