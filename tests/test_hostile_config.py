@@ -150,5 +150,4 @@ def test_required_values_may_come_from_the_file_and_missing_ones_are_all_listed(
     with pytest.raises(UsageError) as caught:
         parse(TrainConfig, ["--config", str(config(tmp_path, "lora_r: 4\n"))], "fnsft train")
     lines = caught.value.problems
-    assert [line.split(" is required")[0] for line in lines] == ["--model_name_or_path", "--dataset_name_or_path",
-                                                                  "--output_dir"]
+    assert [line.split(" is required")[0] for line in lines] == ["--model_name_or_path", "--output_dir"]

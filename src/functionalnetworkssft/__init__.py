@@ -1,3 +1,25 @@
-"""FunctionalNetworksSFT: supervised fine-tuning of causal language models you can trust."""
+"""FunctionalNetworksSFT: supervised fine-tuning of causal language models you can trust.
+
+From Python (imported on first use, so `import functionalnetworkssft` stays light):
+
+    from functionalnetworkssft import TrainConfig, train, merge_adapter, push
+"""
 
 __version__ = "0.1.0"
+
+_API = {"TrainConfig": ("functionalnetworkssft.config", "TrainConfig"),
+        "train": ("functionalnetworkssft.training", "train"),
+        "TrainResult": ("functionalnetworkssft.training", "TrainResult"),
+        "merge_adapter": ("functionalnetworkssft.merge", "merge_adapter"),
+        "push": ("functionalnetworkssft.hub", "push")}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        module, attribute = _API[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'functionalnetworkssft' has no attribute {name!r}")

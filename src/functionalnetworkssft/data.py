@@ -55,8 +55,29 @@ def load(name_or_path: str, config_name: str | None, validation_split: float, se
     """Read, check and normalise the dataset; carve a validation split when it has none."""
     splits = _read(name_or_path, config_name)
     train_key = "train" if "train" in splits else next(iter(splits))
-    train = splits[train_key]
     validation = next((splits[k] for k in VALIDATION_SPLITS if k in splits and k != train_key), None)
+    return _prepare(splits[train_key], validation, validation_split, seed, text_field, name_or_path, train_key)
+
+
+def from_memory(train, validation=None, validation_split: float = 0.0, seed: int = 0,
+                text_field: str = "text") -> RawData:
+    """In-memory data (a datasets.Dataset or a list of records, in any supported format), checked and normalised
+    like a file."""
+    import datasets
+
+    def as_rows(value, name):
+        if isinstance(value, datasets.Dataset) or (isinstance(value, list) and all(isinstance(r, dict)
+                                                                                    for r in value)):
+            return value
+        raise DataError(f"{name}: expected a datasets.Dataset or a list of records (dicts), got "
+                        f"{type(value).__name__}.")
+
+    return _prepare(as_rows(train, "train_dataset"), as_rows(validation, "eval_dataset") if validation is not None
+                    else None, validation_split, seed, text_field, "train_dataset", "train")
+
+
+def _prepare(train, validation, validation_split: float, seed: int, text_field: str, name_or_path: str,
+             train_key: str) -> RawData:
     if len(train) == 0:
         raise DataError(f"{name_or_path}: the dataset is empty (no examples in split '{train_key}').")
     fmt = detect_format(_columns(train), name_or_path, text_field)

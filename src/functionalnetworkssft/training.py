@@ -12,6 +12,7 @@ import gc
 import json
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,34 @@ from functionalnetworkssft.outputs import OutputFolder, read_manifest
 from functionalnetworkssft.paths import looks_like_local_path
 
 
+@dataclass
+class TrainResult:
+    """What `train` returns: where the outputs are, and the final training (and validation) metrics."""
+
+    output_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 def main(argv: list[str] | None, prog: str = "fnsft train") -> None:
     run(parse(TrainConfig, argv, prog))
 
 
-def run(cfg: TrainConfig) -> Path:
+def train(config: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
+    """`fnsft train` from Python: the same checks, outputs and one-line messages, raised as exceptions (FnsftError;
+    UsageError for bad settings) instead of exiting. `train_dataset`/`eval_dataset` may be datasets.Dataset objects
+    or lists of records in any supported format; `config.dataset_name_or_path` may then be left empty."""
+    return run(config, train_dataset, eval_dataset)
+
+
+def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
     out = Path(cfg.output_dir)
     # In a data-parallel run (torchrun, accelerate launch) every process trains; only the main one owns the folder.
     main = distributed.is_main()
-    problems = cfg.problems()
+    in_memory = train_dataset is not None
+    problems = [p for p in cfg.problems() if not (in_memory and p.startswith("--dataset_name_or_path is"))]
+    if eval_dataset is not None and not in_memory:
+        problems.append("eval_dataset needs train_dataset (or give the evaluation data in the dataset's validation "
+                        "split).")
     folder = OutputFolder(out, writes=_writes(cfg), inputs=_inputs(cfg), overwrite=cfg.overwrite_output_dir,
                           resuming=bool(cfg.resume_from_checkpoint), writer=main)
     resume: checkpoints.Latest | None = None
@@ -56,8 +76,11 @@ def run(cfg: TrainConfig) -> Path:
         hub.preflight(cfg.hub_repo_id, hub_token, private=cfg.hub_private, revision=cfg.hub_revision)
 
     with folder.claim("fnsft train"):
-        raw = data.load(cfg.dataset_name_or_path, cfg.dataset_config_name, cfg.validation_split, cfg.seed,
-                        cfg.dataset_text_field)
+        if in_memory:
+            raw = data.from_memory(train_dataset, eval_dataset, cfg.validation_split, cfg.seed, cfg.dataset_text_field)
+        else:
+            raw = data.load(cfg.dataset_name_or_path, cfg.dataset_config_name, cfg.validation_split, cfg.seed,
+                            cfg.dataset_text_field)
         source = modeling.resolve(cfg.model_name_or_path, revision=cfg.model_revision)
         problem = modeling.remote_code_problem(source, cfg.trust_remote_code)
         if problem:
@@ -93,9 +116,9 @@ def run(cfg: TrainConfig) -> Path:
             if network is not None and network.built and main:
                 network.templates.write(folder.record(networks.TEMPLATES_FILE))
             resume_path = _announce_resume(resume, folder, main) if resume is not None else None
-            trainer.train(resume_from_checkpoint=resume_path)
+            metrics = dict(trainer.train(resume_from_checkpoint=resume_path).metrics)
             if eval_set is not None:
-                trainer.evaluate()
+                metrics.update(trainer.evaluate())
             if network is not None:
                 network.detach()  # inference, samples and the merge run the model as it is, with no hooks
             if inference_cache is not None:
@@ -105,7 +128,7 @@ def run(cfg: TrainConfig) -> Path:
             del trainer, model
             gc.collect()
             if not main:
-                return out  # the main process merges and uploads
+                return TrainResult(out, metrics)  # the main process merges and uploads
             if cfg.merge_adapter_with_base:
                 _merge(cfg, source, final_dir, folder.record("merged_model"))
         except BaseException as exc:
@@ -117,7 +140,7 @@ def run(cfg: TrainConfig) -> Path:
         url = hub.push_folder(upload, cfg.hub_repo_id, token=hub_token, private=cfg.hub_private,
                               revision=cfg.hub_revision, commit_message=cfg.hub_commit_message)
         print(f"Uploaded {upload} to {url}")
-    return out
+    return TrainResult(out, metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,7 +517,7 @@ def _training_record(cfg: TrainConfig, source: modeling.ModelSource, raw: data.R
         # The Hub repository of the base where known: what an upload names instead of local paths.
         "base_model_hub_id": source.hub_id,
         "base_dtype": modeling.checkpoint_dtype(source),
-        "dataset": cfg.dataset_name_or_path,
+        "dataset": cfg.dataset_name_or_path or "in-memory dataset",
         "dataset_format": raw.format,
         "method": ("qlora" if cfg.use_4bit else "lora-8bit" if cfg.use_8bit else "lora") if cfg.use_peft else "full",
         "quantization": "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None,

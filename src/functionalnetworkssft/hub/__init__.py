@@ -27,7 +27,7 @@ from functionalnetworkssft.hub.card import KIND_LABEL, CardInfo, detect_kind, re
 from functionalnetworkssft.hub.http import RETRY_ATTEMPTS
 from functionalnetworkssft.hub.upload import push_folder, retry_command
 
-__all__ = ["CardInfo", "PushConfig", "RETRY_ATTEMPTS", "detect_kind", "main", "preflight", "push_folder",
+__all__ = ["CardInfo", "PushConfig", "RETRY_ATTEMPTS", "detect_kind", "main", "preflight", "push", "push_folder",
            "render_card", "repo_id_problem", "resolve_token", "retry_command", "revision_problem"]
 
 
@@ -45,6 +45,17 @@ class PushConfig(Options):
                                    default=None)
     hub_token: str | None = arg("Hub token. Wins over HF_TOKEN, which wins over the cached `hf auth login` (the order "
                                 "huggingface_hub uses). Never written to disk.", default=None)
+
+
+def push(folder, repo_id: str, *, token: str | None = None, private: bool = True, revision: str | None = None,
+         commit_message: str | None = None) -> str:
+    """`fnsft push` from Python: check the token and repo, upload the folder with its card, return the commit URL.
+    Raises UsageError (bad token or repo id) or FnsftError (failed upload; local files untouched)."""
+    detect_kind(folder)
+    resolved = resolve_token(token)
+    preflight(repo_id, resolved, private=private, revision=revision)
+    return push_folder(folder, repo_id, token=resolved, private=private, revision=revision,
+                       commit_message=commit_message)
 
 
 def main(argv: list[str] | None, prog: str = "fnsft push") -> None:
