@@ -8,20 +8,21 @@ import sys
 
 from functionalnetworkssft.errors import FnsftError, describe_write_error, first_line
 
-USAGE = """usage: fnsft {train,templates,merge,push,generate} [--help] ...
+USAGE = """usage: fnsft {train,templates,merge,push,generate,chat} [--help] ...
 
   train      fine-tune a causal LM (LoRA, QLoRA or full), optionally with functional-network masks; merge; upload
   templates  find a model's functional networks (ICA over MLP outputs) and write a template file
   merge      merge any PEFT LoRA adapter into its base, streaming and verified
   push       upload final_model/, adapter/ or merged_model/ to the Hugging Face Hub
-  generate   print a model's reply to a prompt (chat template applied)
+  generate   print a model's reply to a prompt as it is generated (chat template applied)
+  chat       chat with a model in the terminal, keeping the conversation
 """
 
 
 # Subcommand -> module with its `main`; imported only when used, so that `fnsft --help` and flag errors answer at
 # once and `fnsft merge` does not pay for the training stack.
 COMMANDS = {"train": "training", "templates": "networks.command", "merge": "merge", "push": "hub",
-            "generate": "generate"}
+            "generate": "generate", "chat": "generate:chat"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"fnsft: error: unknown command '{name}'; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"functionalnetworkssft.{COMMANDS[name]}")
-    return run_guarded(module.main, rest, prog=f"fnsft {name}")
+    module_name, _, function = COMMANDS[name].partition(":")
+    module = importlib.import_module(f"functionalnetworkssft.{module_name}")
+    return run_guarded(getattr(module, function or "main"), rest, prog=f"fnsft {name}")
 
 
 def setup_logging() -> None:

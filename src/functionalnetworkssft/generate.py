@@ -12,30 +12,78 @@ from functionalnetworkssft.weights import DamagedFile, adapter_weights_file, loa
 
 
 @dataclass
-class GenerateConfig(Options):
-    """Print a model's reply to a prompt, with the chat template applied (greedy unless --temperature > 0)."""
+class SamplingOptions(Options):
+    """What `fnsft generate` and `fnsft chat` share: the model and how it samples."""
 
     model: str = arg("A merged or full model folder, an adapter folder (final_model/, adapter/), a .gguf file or a "
                      "Hub id. May also be given as the first positional argument.")
-    prompt: str = arg("The user message.")
     system: str | None = arg("Optional system message.", default=None)
     max_new_tokens: int = arg("Most tokens to generate.", default=128, positive=True)
     temperature: float = arg("Sampling temperature; 0 means greedy decoding.", default=0.0, minimum=0)
+    top_p: float = arg("Nucleus sampling: sample from the smallest set of tokens holding this much probability "
+                       "(with --temperature above 0).", default=1.0, positive=True, maximum=1)
     trust_remote_code: bool = arg("Allow model code from the Hub to run.", default=False)
 
 
-def main(argv: list[str] | None, prog: str = "fnsft generate") -> None:
+@dataclass
+class GenerateConfig(SamplingOptions):
+    """Print a model's reply to a prompt as it is generated, chat template applied (greedy unless --temperature > 0)."""
+
+    prompt: str = arg("The user message.", default="")
+
+
+@dataclass
+class ChatConfig(SamplingOptions):
+    """Chat with a model in the terminal: the conversation is kept and rendered with the chat template each turn.
+    /reset starts over, /exit (or end of input) quits."""
+
+
+def _parse(cls, argv: list[str] | None, prog: str):
     argv = list(argv or [])
     if argv and not argv[0].startswith("-"):
         argv = ["--model", argv[0], *argv[1:]]
-    cfg = parse(GenerateConfig, argv, prog)
+    cfg = parse(cls, argv, prog)
     problems = field_problems(cfg)
     if problems:
         raise UsageError(problems)
+    return cfg
+
+
+def main(argv: list[str] | None, prog: str = "fnsft generate") -> None:
+    cfg = _parse(GenerateConfig, argv, prog)
+    if not cfg.prompt:
+        raise UsageError("--prompt is required: the user message to answer.")
     model, tokenizer = load_for_inference(cfg.model, cfg.trust_remote_code)
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
         {"role": "user", "content": cfg.prompt}]
-    print(reply(model, tokenizer, messages, cfg.max_new_tokens, cfg.temperature))
+    reply(model, tokenizer, messages, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stream=True)
+
+
+def chat(argv: list[str] | None, prog: str = "fnsft chat") -> None:
+    import sys
+
+    cfg = _parse(ChatConfig, argv, prog)
+    model, tokenizer = load_for_inference(cfg.model, cfg.trust_remote_code)
+    start = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    print(f"Chatting with {cfg.model}; /reset starts over, /exit quits.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = list(start)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = reply(model, tokenizer, messages, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stream=True)
+        messages.append({"role": "assistant", "content": answer})
 
 
 def load_for_inference(name: str, trust_remote_code: bool = False):
@@ -78,18 +126,23 @@ def _refuse_remote_code(source: modeling.ModelSource, trust_remote_code: bool) -
         raise UsageError(problem)
 
 
-def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, temperature: float = 0.0) -> str:
+def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, temperature: float = 0.0,
+          top_p: float = 1.0, stream: bool = False) -> str:
+    """The model's reply to a conversation (chat template applied); with `stream`, printed as it is generated."""
     import torch
+    from transformers import TextStreamer
 
     ids = data.render_prompt_ids(tokenizer, messages)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
+                else {"do_sample": False})
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     was_training = model.training
     model.eval()
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id, **sampling)
+                                eos_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
     model.train(was_training)
     return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
