@@ -40,7 +40,8 @@ def test_problems_are_raised_as_exceptions_with_the_cli_messages(tiny_llama, tmp
         train(TrainConfig(model_name_or_path=str(tiny_llama), output_dir=str(tmp_path / "o"), lora_r=0,
                           use_peft=True))
     assert caught.value.problems == ["--lora_r must be positive (got 0).",
-                                     "--dataset_name_or_path is missing; give a path or Hub id."]
+                                     "--dataset_name_or_path is missing; give a path or Hub id (or `datasets:` "
+                                     "entries in the config file)."]
     with pytest.raises(DataError, match="match no supported format"):
         train(TrainConfig(model_name_or_path=str(tiny_llama), output_dir=str(tmp_path / "o")),
               train_dataset=[{"foo": 1}])

@@ -41,4 +41,4 @@ def test_readme_setup_is_the_two_make_commands():
 def test_quickstart_config_is_a_valid_train_config():
     cfg = parse(TrainConfig, ["--config", str(ROOT / "examples" / "quickstart.yaml")], "fnsft train")
     assert cfg.use_peft and cfg.merge_adapter_with_base and cfg.sample_prompts
-    assert (ROOT / cfg.dataset_name_or_path).is_file()
+    assert all((ROOT / source).is_file() for source in cfg.dataset_name_or_path)

@@ -18,7 +18,7 @@ def config(*argv: str) -> TrainConfig:
 
 
 @pytest.mark.parametrize("alias, value, field, expected", [
-    ("--dataset_name", "org/data", "dataset_name_or_path", "org/data"),
+    ("--dataset_name", "org/data", "dataset_name_or_path", ["org/data"]),
     ("--dataset_config", "en", "dataset_config_name", "en"),
     ("--max_length", "64", "max_seq_length", 64),
     ("--dtype", "bfloat16", "torch_dtype", "bfloat16"),
@@ -42,7 +42,7 @@ def test_yaml_accepts_the_aliases_and_suggests_the_right_flag(tmp_path, capsys):
                     "completion_only_loss: false\ndtype: float32\nhub_model_id: alice/y\n")
     cfg = config("--config", str(path))
     assert (cfg.dataset_name_or_path, cfg.max_seq_length, cfg.train_on_prompt, cfg.torch_dtype, cfg.hub_repo_id) == \
-        ("d.jsonl", 32, True, "float32", "alice/y")
+        (["d.jsonl"], 32, True, "float32", "alice/y")
     path.write_text("model_name_or_path: m\ndataset_nam: d.jsonl\noutput_dir: o\n")
     code, errors, _ = cli(capsys, "train", "--config", path)
     assert code == 2

@@ -103,3 +103,46 @@ def test_a_chat_template_given_for_training_ships_with_the_merged_model(tiny_gpt
                           "--output_dir", tmp_path / "out2", "--chat_template_path", bad)
     assert code == 2
     one_line(errors, f"--chat_template_path {bad}: not a valid Jinja template")
+
+
+def test_several_sources_in_one_run_each_in_its_own_format(tiny_llama, tmp_path, capsys):
+    chat = write_jsonl(tmp_path / "chat.jsonl", TOY[:10])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"Plain line {i}."} for i in range(6)])
+    held = write_jsonl(tmp_path / "held.jsonl", TOY[30:34])
+    out = tmp_path / "out"
+    code, errors, printed = cli(capsys, "train", "--model_name_or_path", tiny_llama, "--dataset_name_or_path", chat,
+                                text, "--eval_dataset_name_or_path", held, "--output_dir", out, "--use_peft",
+                                "--max_steps", "1")
+    assert code == 0, errors
+    assert "Data: 16 training and 4 validation examples (mixed (prompt_completion, text) format" in printed
+    assert f"  {chat}: 10 examples (prompt_completion format)" in printed
+    assert f"  {text}: 6 examples (text format)" in printed
+
+
+def test_config_file_dataset_entries_take_config_split_and_samples(tmp_path):
+    import datasets
+
+    from functionalnetworkssft.config import TrainConfig, parse
+
+    folder = tmp_path / "hub-like"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(TOY[:20]),
+                          "extra": datasets.Dataset.from_list(TOY[20:30])}).save_to_disk(str(folder))
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": f"row {i}"} for i in range(10)])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: m\noutput_dir: o\nvalidation_split: 0\ndatasets:\n"
+                      f"  - path: {folder}\n    split: extra\n    samples: 4\n"
+                      f"  - path: {plain}\n    samples: 0.5\n  - {plain}\n")
+    cfg = parse(TrainConfig, ["--config", str(config)], "fnsft train")
+    assert cfg.problems() == []
+    raw = data.load_sources(cfg.sources(), None, 0, 0)
+    assert [count for _, _, count in raw.sources] == [4, 5, 10]
+    assert all(r["messages"][0]["content"].startswith("Tell me about item 2") for r in raw.train.select(range(4)))
+    assert "datasets" in cfg.to_yaml_dict()
+    config.write_text("model_name_or_path: m\noutput_dir: o\ndatasets:\n  - {split: train}\n  - path: x\n"
+                      "    samples: -1\n    colour: red\n")
+    problems = parse(TrainConfig, ["--config", str(config)], "fnsft train").problems()
+    assert problems == ["datasets: entry 1 needs a path: a file, folder or Hub dataset id.",
+                        "datasets: entry 2: unknown key(s) colour; use path, config, split, samples.",
+                        "datasets: entry 2: samples must be a count of examples or a fraction below 1 (got -1)."]
+    with pytest.raises(DataError, match="no split 'nope' .it has train, extra.; choose one with --dataset_split"):
+        data.load_sources([data.Source(str(folder), split="nope")], None, 0, 0)

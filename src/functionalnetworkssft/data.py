@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,19 @@ class RawData:
     validation: Any | None
     format: str
     source: str
+    # One (source, format, training examples) per source, for the data summary.
+    sources: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+@dataclass
+class Source:
+    """One dataset of a run: a file, folder or Hub id, its configuration, the split to train on, and how much of it
+    to use (a count of examples, or a fraction below 1, drawn with the run's seed)."""
+
+    name: str
+    config: str | None = None
+    split: str | None = None
+    samples: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,10 +66,36 @@ class RawData:
 def load(name_or_path: str, config_name: str | None, validation_split: float, seed: int,
          text_field: str = "text") -> RawData:
     """Read, check and normalise the dataset; carve a validation split when it has none."""
-    splits = _read(name_or_path, config_name)
-    train_key = "train" if "train" in splits else next(iter(splits))
-    validation = next((splits[k] for k in VALIDATION_SPLITS if k in splits and k != train_key), None)
-    return _prepare(splits[train_key], validation, validation_split, seed, text_field, name_or_path, train_key)
+    return load_sources([Source(name_or_path, config_name)], None, validation_split, seed, text_field)
+
+
+def load_sources(sources: list[Source], eval_source: Source | None, validation_split: float, seed: int,
+                 text_field: str = "text") -> RawData:
+    """Read, check and normalise every source (each in its own format), put their training examples together, and
+    take the validation data from `eval_source`, else from the sources' validation splits, else carve it."""
+    trains, validations, summary = [], [], []
+    for source in sources:
+        splits = _read(source.name, source.config)
+        key = source.split or ("train" if "train" in splits else next(iter(splits)))
+        if key not in splits:
+            raise DataError(f"{source.name}: no split '{key}' (it has {', '.join(splits)}); choose one with "
+                            "--dataset_split.")
+        train = _subsample(splits[key], source.samples, seed)
+        train, fmt = _normalise_source(train, source.name, "training", text_field, key)
+        trains.append(train)
+        summary.append((source.name, fmt, len(train)))
+        if eval_source is None:
+            held = next((splits[k] for k in VALIDATION_SPLITS if k in splits and k != key), None)
+            if held is not None and len(held):
+                validations.append(_normalise_source(held, source.name, "validation", text_field)[0])
+    if eval_source is not None:
+        splits = _read(eval_source.name, eval_source.config)
+        key = eval_source.split or next((k for k in (*VALIDATION_SPLITS, "test", "train") if k in splits),
+                                        next(iter(splits)))
+        if key not in splits:
+            raise DataError(f"{eval_source.name}: no split '{key}' (it has {', '.join(splits)}).")
+        validations = [_normalise_source(splits[key], eval_source.name, "validation", text_field, key)[0]]
+    return _assemble(trains, validations, summary, validation_split, seed)
 
 
 def from_memory(train, validation=None, validation_split: float = 0.0, seed: int = 0,
@@ -72,28 +111,56 @@ def from_memory(train, validation=None, validation_split: float = 0.0, seed: int
         raise DataError(f"{name}: expected a datasets.Dataset or a list of records (dicts), got "
                         f"{type(value).__name__}.")
 
-    return _prepare(as_rows(train, "train_dataset"), as_rows(validation, "eval_dataset") if validation is not None
-                    else None, validation_split, seed, text_field, "train_dataset", "train")
+    train, fmt = _normalise_source(as_rows(train, "train_dataset"), "train_dataset", "training", text_field)
+    validations = [] if validation is None else [
+        _normalise_source(as_rows(validation, "eval_dataset"), "eval_dataset", "validation", text_field)[0]]
+    return _assemble([train], validations, [("train_dataset", fmt, len(train))], validation_split, seed)
 
 
-def _prepare(train, validation, validation_split: float, seed: int, text_field: str, name_or_path: str,
-             train_key: str) -> RawData:
-    if len(train) == 0:
-        raise DataError(f"{name_or_path}: the dataset is empty (no examples in split '{train_key}').")
-    fmt = detect_format(_columns(train), name_or_path, text_field)
-    train = _normalise(train, fmt, name_or_path, text_field=text_field)
-    if validation is not None and len(validation):
-        validation = _normalise(validation, detect_format(_columns(validation), name_or_path, text_field),
-                                name_or_path, "validation", text_field)
-    elif validation_split > 0 and len(train) >= 2:
+def _subsample(rows, samples: float | None, seed: int):
+    """`samples` examples (a fraction below 1), drawn with the seed, in their original order."""
+    if samples is None:
+        return rows
+    count = int(samples) if samples >= 1 else max(1, round(len(rows) * samples))
+    if count >= len(rows):
+        return rows
+    import numpy as np
+
+    chosen = sorted(np.random.default_rng(seed).permutation(len(rows))[:count].tolist())
+    return rows.select(chosen) if hasattr(rows, "select") else [rows[i] for i in chosen]
+
+
+def _normalise_source(rows, name: str, split: str, text_field: str, key: str = "train"):
+    if len(rows) == 0:
+        raise DataError(f"{name}: the dataset is empty (no examples in split '{key}').")
+    fmt = detect_format(_columns(rows), name, text_field)
+    return _normalise(rows, fmt, name, split, text_field), fmt
+
+
+def _assemble(trains: list, validations: list, summary: list[tuple[str, str, int]], validation_split: float,
+              seed: int) -> RawData:
+    train = _concatenate(trains)
+    validation = _concatenate(validations) if validations else None
+    if validation is None and validation_split > 0 and len(train) >= 2:
         n_eval = max(1, round(len(train) * validation_split))
         if n_eval >= len(train):
             n_eval = len(train) - 1
         parts = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
         train, validation = parts["train"], parts["test"]
-    else:
-        validation = None
-    return RawData(train=train, validation=validation, format=fmt, source=name_or_path)
+    formats = sorted({fmt for _, fmt, _ in summary})
+    return RawData(train=train, validation=validation, format=formats[0] if len(formats) == 1 else
+                   f"mixed ({', '.join(formats)})", source=", ".join(name for name, _, _ in summary), sources=summary)
+
+
+def _concatenate(parts: list):
+    """Normalised datasets of any formats as one: chat and text rows side by side, the other column empty."""
+    if len(parts) == 1:
+        return parts[0]
+    import datasets
+
+    rows = [row for part in parts for row in part.to_list()]
+    columns = sorted({key for row in rows for key in row})
+    return datasets.Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
 
 
 def _read(name_or_path: str, config_name: str | None) -> dict[str, Any]:
@@ -635,7 +702,8 @@ def _refuse_tools_without_support(raw: RawData, tokenizer) -> None:
         if dataset is None or "messages" not in dataset.column_names:
             continue
         tools = dataset["tools"] if "tools" in dataset.column_names else []
-        uses = any(tools) or any(m["role"] == "tool" or m.get("tool_calls") for row in dataset["messages"] for m in row)
+        uses = any(tools) or any(m["role"] == "tool" or m.get("tool_calls")
+                                 for row in dataset["messages"] for m in row or ())  # text rows have none
         if uses and "tool" not in (getattr(tokenizer, "chat_template", None) or ""):
             raise DataError(f"{raw.source}: the data holds tools or tool calls, but the model's chat template has no "
                             "tool support (it never mentions tools), so they would be dropped or garbled; give a "

@@ -49,7 +49,7 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
     # In a data-parallel run (torchrun, accelerate launch) every process trains; only the main one owns the folder.
     main = distributed.is_main()
     in_memory = train_dataset is not None
-    problems = [p for p in cfg.problems() if not (in_memory and p.startswith("--dataset_name_or_path is"))]
+    problems = [p for p in cfg.problems() if not (in_memory and p.startswith("--dataset_name_or_path is missing"))]
     if eval_dataset is not None and not in_memory:
         problems.append("eval_dataset needs train_dataset (or give the evaluation data in the dataset's validation "
                         "split).")
@@ -79,8 +79,10 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
         if in_memory:
             raw = data.from_memory(train_dataset, eval_dataset, cfg.validation_split, cfg.seed, cfg.dataset_text_field)
         else:
-            raw = data.load(cfg.dataset_name_or_path, cfg.dataset_config_name, cfg.validation_split, cfg.seed,
-                            cfg.dataset_text_field)
+            evaluation = data.Source(cfg.eval_dataset_name_or_path, cfg.dataset_config_name) \
+                if cfg.eval_dataset_name_or_path else None
+            raw = data.load_sources(cfg.sources(), evaluation, cfg.validation_split, cfg.seed,
+                                    cfg.dataset_text_field)
         source = modeling.resolve(cfg.model_name_or_path, revision=cfg.model_revision)
         problem = modeling.remote_code_problem(source, cfg.trust_remote_code)
         if problem:
@@ -166,7 +168,8 @@ def _writes(cfg: TrainConfig) -> tuple[str, ...]:
 def _inputs(cfg: TrainConfig) -> dict[str, str]:
     """The local files and folders this run reads; nothing it writes or removes may contain them."""
     found = {}
-    for flag, value in (("--dataset_name_or_path", cfg.dataset_name_or_path),
+    for flag, value in (*(("--dataset_name_or_path", source.name) for source in cfg.sources()),
+                        ("--eval_dataset_name_or_path", cfg.eval_dataset_name_or_path),
                         ("--model_name_or_path", cfg.model_name_or_path),
                         ("--config", cfg.config_file),
                         ("--chat_template_path", cfg.chat_template_path),
@@ -314,7 +317,7 @@ def _plan_network(cfg: TrainConfig, model, train_set, templates: networks.Templa
             model, examples, n_components=cfg.ica_components, threshold=cfg.ica_threshold,
             percentile=cfg.ica_percentile, z=cfg.ica_z, max_tokens=networks.DEFAULT_MAX_TOKENS, layers_spec=None,
             seed=cfg.seed, provenance={"model": Path(cfg.model_name_or_path).name,
-                                       "datasets": [Path(cfg.dataset_name_or_path).name]})
+                                       "datasets": [Path(source.name).name for source in cfg.sources()]})
         print(summary)
     source = cfg.ica_template_path or networks.TEMPLATES_FILE
     return networks.NetworkPlan.create(model, templates, cfg.mask_mode, cfg.ica_component_ids or None,
@@ -354,6 +357,9 @@ def _describe_data(raw: data.RawData, train_set, eval_set, tokenizer) -> None:
     template = "its chat template" if data.has_chat_template(tokenizer) else "EOS-separated turns (no chat template)"
     print(f"Data: {len(train_set)} training and {len(eval_set) if eval_set is not None else 0} validation examples "
           f"({raw.format} format, rendered with {template}); {total} tokens, {trained} of them trained.")
+    if len(raw.sources) > 1:
+        for name, fmt, count in raw.sources:
+            print(f"  {name}: {count} examples ({fmt} format)")
 
 
 def batching(cfg: TrainConfig) -> tuple[bool, bool]:
@@ -517,7 +523,7 @@ def _training_record(cfg: TrainConfig, source: modeling.ModelSource, raw: data.R
         # The Hub repository of the base where known: what an upload names instead of local paths.
         "base_model_hub_id": source.hub_id,
         "base_dtype": modeling.checkpoint_dtype(source),
-        "dataset": cfg.dataset_name_or_path or "in-memory dataset",
+        "dataset": [source.name for source in cfg.sources()] or ["in-memory dataset"],
         "dataset_format": raw.format,
         "method": ("qlora" if cfg.use_4bit else "lora-8bit" if cfg.use_8bit else "lora") if cfg.use_peft else "full",
         "quantization": "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None,
