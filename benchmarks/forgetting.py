@@ -390,7 +390,9 @@ def main() -> None:
     if "networks" not in results:
         results["networks"] = build_networks(base, tokenizer, sets, cfg, log)
         save(results, out)
-    todo = [(a, s) for s in cfg["seeds"] for a in arm_names if f"{a}|{s}" not in results["runs"]]
+    # The smallest K completes over every seed first, so that an interrupted run still leaves a finished comparison.
+    todo = [(a, s) for k in cfg["ks"] for s in cfg["seeds"] for a in arm_names
+            if _k_of(a, cfg["ks"]) == k and f"{a}|{s}" not in results["runs"]]
     log(f"{len(results['runs'])} runs done, {len(todo)} to go")
     for arm, seed in todo:
         run = run_arm(arm, seed, base, sets, results["networks"], cfg, results["base_eval"], log)
@@ -405,6 +407,14 @@ def main() -> None:
     save(results, out)
     plot(results, out.with_suffix(".png"))
     print_table(results)
+
+
+def _k_of(arm: str, ks: list[int]) -> int:
+    """The K an arm belongs to; the unmasked arms go with the first."""
+    for k in ks:
+        if arm.endswith((f"ica{k}", f"top{k}")) or f"rand{k}_" in arm:
+            return k
+    return ks[0]
 
 
 def save(results: dict, path: Path) -> None:

@@ -86,3 +86,23 @@ def test_flag_errors_are_printed_once(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("--lora_r must be positive (got 0)") == 1
     assert not Path(tmp_path / "out").exists()
+
+
+SLOW_MAIN = """
+import os, sys, time
+if os.environ.get("RANK") == "0":
+    time.sleep(4)  # the main process is the slow one (a busy machine, a cold disk)
+from functionalnetworkssft.fnsft_trainer import main
+raise SystemExit(main())
+"""
+
+
+def test_a_slow_main_process_still_reports_an_error_that_every_rank_found(tmp_path):
+    script = tmp_path / "slow_main.py"
+    script.write_text(SLOW_MAIN)
+    result = run(["--model_name_or_path", "./none", "--dataset_name_or_path", tmp_path / "d.jsonl", "--output_dir",
+                  tmp_path / "out", "--lora_r", "0"], module=[str(script)])
+    assert result.returncode != 0
+    # Said once, by the main process: not lost when a replica fails first, not repeated by the replicas.
+    assert result.stderr.count("fnsft train: error: --lora_r must be positive (got 0)") == 1, result.stderr[-2000:]
+    assert "(rank 1)" not in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 
 from functionalnetworkssft.errors import FnsftError, describe_write_error, first_line
 
@@ -25,6 +26,10 @@ COMMANDS = {"train": "training", "templates": "networks.command", "merge": "merg
             "generate": "generate", "chat": "generate:chat"}
 
 
+# How long a replica of a data-parallel run waits, after an error, for the main process to report it.
+REPLICA_GRACE_S = 15.0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -35,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fnsft: error: unknown command '{name}'; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     module_name, _, function = COMMANDS[name].partition(":")
+    setup_logging()  # before the command's module imports the libraries, some of which log at import
     module = importlib.import_module(f"functionalnetworkssft.{module_name}")
     return run_guarded(getattr(module, function or "main"), rest, prog=f"fnsft {name}")
 
@@ -70,9 +76,14 @@ def run_guarded(command, argv: list[str], prog: str) -> int:
         command(argv, prog=prog)
     except FnsftError as exc:
         # In a data-parallel run every process checks the same things; the main one says what failed.
-        if distributed.is_main():
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                print(f"{prog}: error: {line}", file=sys.stderr)
+        # A replica that returned at once could end the run (the launcher stops every process when one fails)
+        # before the main one had printed, so it waits for the main one to fail first; an error the main process
+        # did not share is then printed with the replica's rank.
+        if not distributed.is_main():
+            time.sleep(REPLICA_GRACE_S)
+        where = "" if distributed.is_main() else f" (rank {distributed.rank()})"
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"{prog}: error{where}: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; outputs written so far are kept.", file=sys.stderr)

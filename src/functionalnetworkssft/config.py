@@ -186,6 +186,10 @@ class TrainConfig(Options):
         "0 disables evaluation.",
         default=0.1, minimum=0, below=1, hint="0 disables evaluation",
     )
+    dataset_num_proc: int | None = arg(
+        "Processes that tokenize the data (default: one per CPU, up to 8, for 2,000 examples or more). Tokenized data "
+        "is cached, so a rerun with the same data, tokenizer and settings does not tokenize again.", default=None,
+        positive=True)
     train_on_prompt: bool = arg(
         "Compute the loss on prompt/user/system tokens too. By default only assistant (completion) tokens are trained. "
         "TRL's --assistant_only_loss / --completion_only_loss are accepted and mean the opposite.",
@@ -619,7 +623,8 @@ def parse(cls: type[T], argv: list[str] | None, prog: str) -> T:
     if missing:
         raise UsageError([f"{line}; see {prog} --help." for line in missing])
     overrides = values.pop(TRAINER_KEY, None)
-    entries = values.pop(DATASETS_KEY, None)
+    # `datasets:` entries belong to `fnsft train`; `fnsft templates` has a plain `datasets` field of its own.
+    entries = values.pop(DATASETS_KEY, None) if accepts_trainer else None
     cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values and f.init})
     if overrides:
         cfg.trainer_overrides = overrides

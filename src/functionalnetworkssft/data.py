@@ -8,14 +8,16 @@ The loss mask is derived by rendering conversation prefixes, which works for any
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft.paths import missing_local
 from functionalnetworkssft.errors import DataError, first_line
+from functionalnetworkssft.paths import cache_dir, missing_local
 
 log = logging.getLogger(__name__)
 
@@ -570,20 +572,9 @@ def _segments(tokenizer, messages: list[dict[str, Any]], tools: list | None = No
     def render(part, **kwargs):
         return _render(tokenizer, part, tools, **kwargs)
 
-    full = render(messages)
-    pieces: list[tuple[str, bool]] = []
-    cursor = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(messages[:i], add_generation_prompt=True) if i else ""
-        upto = render(messages[: i + 1])
-        if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= cursor):
-            raise _TemplateNotPrefixStable
-        pieces += [(full[cursor:len(prompt)], False), (full[len(prompt):len(upto)], True)]
-        cursor = len(upto)
-    pieces.append((full[cursor:], False))
-    return [(text, trained) for text, trained in pieces if text]
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    return _pieces_from_renders(messages, turns, render(messages), [render(messages[: i + 1]) for i in turns],
+                                [render(messages[:i], add_generation_prompt=True) for i in turns if i])
 
 
 class _TemplateNotPrefixStable(Exception):
@@ -609,44 +600,152 @@ NOTE_TEMPLATE = "template_error:"
 def tokenize_example(tokenizer, example: dict, train_on_prompt: bool, max_length: int) -> dict[str, Any]:
     """input_ids and assistant_masks (1 = the token is trained) for one normalised example, and a `_note` when the
     example was not tokenized as written (see the NOTE_* kinds)."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    mask: list[int] = []
-    note = ""
-    if "text" in example and example.get("text") is not None:
-        ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"] + [eos]
-        mask = [1] * len(ids)
-    else:
+    return tokenize_batch(tokenizer, [example], train_on_prompt, max_length)[0]
+
+
+def tokenize_batch(tokenizer, examples: list[dict], train_on_prompt: bool, max_length: int) -> list[dict[str, Any]]:
+    """`tokenize_example` for several examples at once, with the same result: the conversation prefixes of all of
+    them are rendered in two chat-template calls (with and without the generation prompt) and every piece of text is
+    tokenized in one tokenizer call, so per-call overhead is paid per batch, not per turn."""
+    templated = has_chat_template(tokenizer)
+    plans: list[Any] = []  # per example: (kind, payload)
+    plain, prompted = [], []  # conversations to render, without and with the generation prompt
+    for example in examples:
+        if "text" in example and example.get("text") is not None:
+            plans.append(("text", example["text"]))
+            continue
         messages = chat_messages(example["messages"])
         tools = json.loads(example["tools"]) if example.get("tools") else None
         if not any(m["role"] == "assistant" for m in messages) and not train_on_prompt:
-            return {"input_ids": [], "assistant_masks": [], "_note": NOTE_NO_ASSISTANT}
-        if has_chat_template(tokenizer):
+            plans.append(("done", {"input_ids": [], "assistant_masks": [], "_note": NOTE_NO_ASSISTANT}))
+        elif not templated:
+            plans.append(("turns", messages))
+        elif tools is not None:
+            plans.append(("slow", (messages, tools)))  # tools differ per example: one template call each
+        else:
+            turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            plans.append(("chat", (messages, turns, len(plain), len(prompted))))
+            plain.append(messages)
+            # A turn that ends the conversation renders to the full text: no render of its own is needed.
+            plain += [messages[: i + 1] for i in turns if i < len(messages) - 1]
+            prompted += [messages[:i] for i in turns if i]
+    try:
+        plain_text = _render_many(tokenizer, plain, False)
+        prompted_text = _render_many(tokenizer, prompted, True)
+    except Exception:  # a template that rejects one conversation: find which, one at a time
+        plain_text = prompted_text = None
+    texts: list[str] = []  # everything to tokenize, in one call
+    layouts = []  # per example: (list of (first text index, count, trained, add eos)), note, or a finished result
+    for kind, payload in plans:
+        if kind == "done":
+            layouts.append(payload)
+            continue
+        if kind == "text":
+            layouts.append(([(len(texts), True, True)], ""))
+            texts.append(payload)
+            continue
+        if kind == "turns":  # no template (GPT-2, DialoGPT): turns joined by EOS
+            parts = []
+            for message in payload:
+                parts.append((len(texts), message["role"] == "assistant", True))
+                texts.append(message["content"])
+            layouts.append((parts, ""))
+            continue
+        if kind == "chat" and plain_text is not None:
+            messages, turns, at_plain, at_prompted = payload
+            full = plain_text[at_plain]
+            own = iter(plain_text[at_plain + 1:at_plain + 1 + sum(1 for i in turns if i < len(messages) - 1)])
+            uptos = [next(own) if i < len(messages) - 1 else full for i in turns]
+            try:
+                pieces = _pieces_from_renders(messages, turns, full, uptos,
+                                              prompted_text[at_prompted:at_prompted + sum(1 for i in turns if i)])
+                note = ""
+            except _TemplateNotPrefixStable:
+                pieces, note = _template_pieces(tokenizer, messages)
+        else:
+            messages, tools = (payload[0], None) if kind == "chat" else payload
             try:
                 pieces, note = _template_pieces(tokenizer, messages, tools)
             except Exception as exc:  # the template's own raise_exception, or any error inside the template
-                return {"input_ids": [], "assistant_masks": [], "_note": NOTE_TEMPLATE + first_line(exc)[:200]}
-            for text, trained in pieces:
-                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-                ids += piece
-                mask += [int(trained)] * len(piece)
-        else:
-            for message in messages:
-                piece = tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [eos]
-                ids += piece
-                mask += [int(message["role"] == "assistant")] * len(piece)
+                layouts.append({"input_ids": [], "assistant_masks": [], "_note": NOTE_TEMPLATE + first_line(exc)[:200]})
+                continue
+        parts = []
+        for text, trained in pieces:
+            parts.append((len(texts), trained, False))
+            texts.append(text)
+        layouts.append((parts, note))
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    eos = tokenizer.eos_token_id
+    results = []
+    for layout, (kind, _) in zip(layouts, plans):
+        if isinstance(layout, dict):
+            results.append(layout)
+            continue
+        parts, note = layout
+        ids: list[int] = []
+        mask: list[int] = []
+        for index, trained, add_eos in parts:
+            piece = encoded[index] + ([eos] if add_eos else [])
+            ids += piece
+            mask += [int(trained)] * len(piece)
+        if kind != "text":
+            if train_on_prompt:
+                mask = [1] * len(ids)
+                note = ""
+            # EOS closes every trained example: templates that end a turn with another token still teach the model
+            # to stop. An example with nothing to train gets none, so it stays empty and is skipped.
+            trained_tail = [t for t, m in zip(ids, mask) if m][-8:]
+            if eos is not None and any(mask) and eos not in trained_tail:
+                ids.append(eos)
+                mask.append(1)
         if train_on_prompt:
             mask = [1] * len(ids)
-            note = ""
-        # EOS closes every trained example: templates that end a turn with another token still teach the model
-        # to stop. An example with nothing to train gets none, so it stays empty and is skipped.
-        trained_tail = [t for t, m in zip(ids, mask) if m][-8:]
-        if eos is not None and any(mask) and eos not in trained_tail:
-            ids.append(eos)
-            mask.append(1)
-    if train_on_prompt:
-        mask = [1] * len(ids)
-    return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length], "_note": note}
+        results.append({"input_ids": ids[:max_length], "assistant_masks": mask[:max_length], "_note": note})
+    return results
+
+
+def _render_many(tokenizer, conversations: list, generation_prompt: bool) -> list[str]:
+    """Render several conversations at once, as apply_chat_template(tokenize=False) does. The messages here are plain
+    dicts with no None values already (chat_messages), so transformers' renderer is called directly, without the
+    per-call copy that makes apply_chat_template cost a quarter more; any other tokenizer goes through it."""
+    if not conversations:
+        return []
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(conversations=conversations, chat_template=tokenizer.get_chat_template(),
+                                            add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
+        return list(rendered)
+    except (ImportError, AttributeError, TypeError):
+        rendered = tokenizer.apply_chat_template(conversations, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        return [rendered] if isinstance(rendered, str) else list(rendered)
+
+
+def _pieces_from_renders(messages, turns: list[int], full: str, uptos: list[str], prompts: list[str]):
+    """The (text, is_assistant) pieces of `_segments`, from renders made beforehand."""
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    prompt_iter = iter(prompts)
+    for i, upto in zip(turns, uptos):
+        prompt = next(prompt_iter) if i else ""
+        if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= cursor):
+            raise _TemplateNotPrefixStable
+        pieces += [(full[cursor:len(prompt)], False), (full[len(prompt):len(upto)], True)]
+        cursor = len(upto)
+    pieces.append((full[cursor:], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+# Examples per chat-template call: large enough to pay the per-call overhead rarely, small enough to keep the
+# progress bar moving and memory flat.
+TOKENIZE_BATCH = 256
+
+
+def _tokenize_columns(batch: dict[str, list], tokenizer, train_on_prompt: bool, max_length: int) -> dict[str, list]:
+    examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    results = tokenize_batch(tokenizer, examples, train_on_prompt, max_length)
+    return {key: [r[key] for r in results] for key in ("input_ids", "assistant_masks", "_note")}
 
 
 def _template_pieces(tokenizer, messages, tools=None) -> tuple[list[tuple[str, bool]], str]:
@@ -664,18 +763,34 @@ def _template_pieces(tokenizer, messages, tools=None) -> tuple[list[tuple[str, b
     return [(_render(tokenizer, messages, tools), True)], NOTE_WHOLE
 
 
-def tokenize(raw: RawData, tokenizer, max_length: int, train_on_prompt: bool) -> tuple[Any, Any | None]:
+def tokenize(raw: RawData, tokenizer, max_length: int, train_on_prompt: bool, num_proc: int | None = None,
+             cache: bool = True) -> tuple[Any, Any | None]:
     """Tokenized train and validation sets. Examples with nothing to train are dropped, and every example that was
-    not tokenized as written is counted and reported; a template that rejects the data stops the run."""
+    not tokenized as written is counted and reported; a template that rejects the data stops the run.
+
+    Large datasets are tokenized by `num_proc` processes (default: one per CPU, up to 8). The result is cached, keyed
+    by the data, the tokenizer (vocabulary, special tokens, chat template), the settings and this module's code: a
+    rerun with the same inputs reads it back instead of tokenizing again."""
 
     _refuse_tools_without_support(raw, tokenizer)
 
     def run(dataset, split: str):
         if dataset is None:
             return None
-        tokenized = dataset.map(lambda ex: tokenize_example(tokenizer, ex, train_on_prompt, max_length),
-                                remove_columns=[c for c in dataset.column_names if c != "_index"],
-                                desc=f"Tokenizing {split}")
+        key = _cache_key(dataset, tokenizer, max_length, train_on_prompt) if cache else None
+        tokenized = _read_cache(key) if key else None
+        if tokenized is not None:
+            log.info("%s: %s data tokenized earlier, read from the cache (%s).", raw.source, split, key[:12])
+        else:
+            procs = num_proc or (min(os.cpu_count() or 1, 8) if len(dataset) >= PARALLEL_FROM else 1)
+            tokenized = dataset.map(_tokenize_columns, batched=True, batch_size=TOKENIZE_BATCH,
+                                    num_proc=procs if procs > 1 else None,
+                                    fn_kwargs={"tokenizer": tokenizer, "train_on_prompt": train_on_prompt,
+                                               "max_length": max_length},
+                                    remove_columns=[c for c in dataset.column_names if c != "_index"],
+                                    desc=f"Tokenizing {split}")
+            if key:
+                _write_cache(key, tokenized)
         found: dict[str, list] = {}
         for note, index in zip(tokenized["_note"], tokenized["_index"] if "_index" in tokenized.column_names
                                else range(len(tokenized))):
@@ -694,6 +809,64 @@ def tokenize(raw: RawData, tokenizer, max_length: int, train_on_prompt: bool) ->
         return kept.remove_columns([c for c in ("_note", "_index") if c in kept.column_names])
 
     return run(raw.train, "train"), run(raw.validation, "validation")
+
+
+# Below this many examples, starting worker processes costs more than it saves.
+PARALLEL_FROM = 2000
+
+
+def _cache_key(dataset, tokenizer, max_length: int, train_on_prompt: bool) -> str:
+    """Everything the tokenized result depends on, hashed: the examples (their Arrow table), the tokenizer, the
+    settings, and the code that tokenizes (this file)."""
+    import pyarrow as pa
+
+    digest = hashlib.sha256()
+    digest.update(Path(__file__).read_bytes())
+    digest.update(json.dumps([max_length, train_on_prompt, type(tokenizer).__name__, tokenizer.eos_token_id,
+                              tokenizer.pad_token_id, tokenizer.bos_token_id,
+                              getattr(tokenizer, "chat_template", None)]).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+                  .encode())
+    sink = pa.BufferOutputStream()
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    digest.update(sink.getvalue())
+    return digest.hexdigest()
+
+
+def _read_cache(key: str):
+    import datasets
+
+    folder = cache_dir() / "tokenized" / key
+    if not (folder / "dataset_info.json").is_file():
+        return None
+    try:
+        # In memory: the filtering that follows must not write cache files into the shared entry.
+        return datasets.load_from_disk(str(folder), keep_in_memory=True)
+    except Exception:  # a damaged entry is rebuilt, never trusted
+        return None
+
+
+def _write_cache(key: str, tokenized) -> None:
+    """Best effort and atomic: written under a temporary name and renamed; an unwritable cache only costs time."""
+    import shutil
+    import tempfile
+
+    target = cache_dir() / "tokenized" / key
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=target.parent))
+    except OSError:
+        return
+    try:
+        tokenized.save_to_disk(str(staging))
+        os.replace(staging, target)
+    except OSError:
+        pass  # another run stored the same entry first, or the disk is full: either way nothing to do
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _refuse_tools_without_support(raw: RawData, tokenizer) -> None:

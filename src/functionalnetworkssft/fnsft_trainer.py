@@ -3,11 +3,17 @@
 import sys
 
 from functionalnetworkssft.cli import run_guarded
-from functionalnetworkssft.training import main as train
+
+
+def _train(argv: list[str], prog: str) -> None:
+    # Imported here, after run_guarded has set up logging, since the training stack logs as it is imported.
+    from functionalnetworkssft.training import main
+
+    main(argv, prog=prog)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_guarded(train, list(sys.argv[1:] if argv is None else argv), prog="fnsft train")
+    return run_guarded(_train, list(sys.argv[1:] if argv is None else argv), prog="fnsft train")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from functionalnetworkssft.errors import FnsftError, describe_write_error, first_line
-from functionalnetworkssft.paths import missing_local
+from functionalnetworkssft.paths import cache_dir, missing_local
 from functionalnetworkssft.weights import model_folder_problem
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,6 @@ class ModelSource:
     @property
     def is_local(self) -> bool:
         return Path(self.path).is_dir()
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FNSFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fnsft")
-    return Path(root)
 
 
 def resolve(name_or_path: str, flag: str = "--model_name_or_path", revision: str | None = None) -> ModelSource:

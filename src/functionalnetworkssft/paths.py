@@ -42,3 +42,11 @@ def within(path: str | Path, folder: str | Path) -> bool:
     except (OSError, RuntimeError):
         return False
     return path == folder or folder in path.parents
+
+
+def cache_dir() -> Path:
+    """Where fnsft keeps what it can rebuild (GGUF conversions, tokenized data): $FNSFT_CACHE, else
+    $XDG_CACHE_HOME/fnsft, else ~/.cache/fnsft. Safe to delete."""
+    root = os.environ.get("FNSFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fnsft")
+    return Path(root)

@@ -88,7 +88,8 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
         if problem:
             raise UsageError(problem)
         tokenizer = modeling.load_tokenizer(source, cfg.trust_remote_code, chat_template)
-        train_set, eval_set = data.tokenize(raw, tokenizer, cfg.max_seq_length, cfg.train_on_prompt)
+        train_set, eval_set = data.tokenize(raw, tokenizer, cfg.max_seq_length, cfg.train_on_prompt,
+                                            cfg.dataset_num_proc)
         _describe_data(raw, train_set, eval_set, tokenizer)
 
         dtype = modeling.training_dtype(cfg.torch_dtype, source)
@@ -267,6 +268,7 @@ class _RunGuard(TrainerCallback):
         self.saving: str | None = None
         self.last_saved: str | None = None
         self.restriction = None  # a functional-network UpdateRestriction, when training is masked
+        self.args, self.step = None, 0
 
     def _before_save(self, state, control) -> None:
         if control.should_save and state.is_world_process_zero:
@@ -298,12 +300,17 @@ class _RunGuard(TrainerCallback):
         with torch.no_grad():
             finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(trained))).all())
         if not finite:
-            step = state.global_step + 1
-            kept = (f"the newest good checkpoint is {self.last_saved or _newest(Path(args.output_dir))}"
-                    if (self.last_saved or _newest(Path(args.output_dir))) else "no checkpoint was saved")
-            raise _Diverged(f"training diverged at step {step}: a trained weight became NaN or infinite, so the run "
-                            f"stopped before saving it ({kept}). Lower --learning_rate (now {args.learning_rate:g}) "
-                            "or check the data, then start again.")
+            raise self.diverged(args, state.global_step + 1)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.args, self.step = args, state.global_step + 1
+
+    def diverged(self, args, step: int) -> _Diverged:
+        newest = self.last_saved or _newest(Path(args.output_dir))
+        kept = f"the newest good checkpoint is {newest}" if newest else "no checkpoint was saved"
+        return _Diverged(f"training diverged at step {step}: a trained weight became NaN or infinite, so the run "
+                         f"stopped before saving it ({kept}). Lower --learning_rate (now {args.learning_rate:g}) "
+                         "or check the data, then start again.")
 
 
 def _plan_network(cfg: TrainConfig, model, train_set, templates: networks.Templates | None) -> networks.NetworkPlan:
@@ -333,6 +340,10 @@ def _training_failure(exc: BaseException, guard: _RunGuard, out: Path) -> BaseEx
     """The exception to report for a failure inside trainer.train: one line for what a user can fix."""
     if isinstance(exc, (FnsftError, KeyboardInterrupt)):
         return exc
+    if isinstance(exc, RuntimeError) and "without overflow" in str(exc) and guard.args is not None:
+        # The optimizer's own arithmetic overflowed (an update beyond float range): the same divergence, caught
+        # one moment earlier than the finiteness check after the step.
+        return guard.diverged(guard.args, guard.step)
     cause = describe_write_error(exc)
     if cause is None and guard.saving is None:
         return exc

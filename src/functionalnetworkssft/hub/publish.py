@@ -101,8 +101,11 @@ def _scrub(value: Any, hub_id: str | None, deep: bool, removed: list[str], prefi
                 else:
                     removed.append(name)
                 continue
-            out[key] = _scrub(item, hub_id, True, removed, f"{name}.") if deep and isinstance(item, (dict, list)) \
+            kept = _scrub(item, hub_id, True, removed, f"{name}.") if deep and isinstance(item, (dict, list)) \
                 else item
+            if isinstance(item, list) and item and not kept:
+                continue  # every entry was a local path: an empty list would still say one was there
+            out[key] = kept
         return out
     if isinstance(value, list) and deep:
         kept = []
