@@ -363,8 +363,7 @@ def _write_run_config(cfg: TrainConfig, path: Path) -> None:
 
 
 def _describe_data(raw: data.RawData, train_set, eval_set, tokenizer) -> None:
-    trained = sum(sum(mask) for mask in train_set["assistant_masks"])
-    total = sum(len(ids) for ids in train_set["input_ids"])
+    total, trained = data.token_counts(train_set)
     template = "its chat template" if data.has_chat_template(tokenizer) else "EOS-separated turns (no chat template)"
     print(f"Data: {len(train_set)} training and {len(eval_set) if eval_set is not None else 0} validation examples "
           f"({raw.format} format, rendered with {template}); {total} tokens, {trained} of them trained.")
