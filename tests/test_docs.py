@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from functionalnetworkssft.config import TrainConfig, build_parser, parse
+from functionalnetworkssft.export.command import ExportConfig
 from functionalnetworkssft.generate import GenerateConfig
 from functionalnetworkssft.hub import PushConfig
 from functionalnetworkssft.merge import MergeConfig
@@ -19,7 +20,7 @@ FOREIGN_FLAGS = {"--index-url", "--json", "--config_file", "--nproc_per_node"}
 
 def known_flags() -> set[str]:
     flags = {"--help"}
-    for cls in (TrainConfig, MergeConfig, PushConfig, GenerateConfig, TemplatesConfig):
+    for cls in (TrainConfig, MergeConfig, PushConfig, GenerateConfig, TemplatesConfig, ExportConfig):
         for action in build_parser(cls, "fnsft")._actions:
             flags.update(action.option_strings)
     return flags

@@ -9,21 +9,23 @@ import time
 
 from functionalnetworkssft.errors import FnsftError, describe_write_error, first_line
 
-USAGE = """usage: fnsft {train,templates,merge,push,generate,chat} [--help] ...
+USAGE = """usage: fnsft {train,templates,merge,export-gguf,push,generate,chat} [--help] ...
 
-  train      fine-tune a causal LM (LoRA, QLoRA or full), optionally with functional-network masks; merge; upload
-  templates  find a model's functional networks (ICA over MLP outputs) and write a template file
-  merge      merge any PEFT LoRA adapter into its base, streaming and verified
-  push       upload final_model/, adapter/ or merged_model/ to the Hugging Face Hub
-  generate   print a model's reply to a prompt as it is generated (chat template applied)
-  chat       chat with a model in the terminal, keeping the conversation
+  train        fine-tune a causal LM (LoRA, QLoRA or full), optionally with functional-network masks; merge;
+               export; upload
+  templates    find a model's functional networks (ICA over MLP outputs) and write a template file
+  merge        merge any PEFT LoRA adapter into its base, streaming and verified
+  export-gguf  export a model folder to GGUF for llama.cpp and Ollama, verified, with an Ollama Modelfile
+  push         upload final_model/, adapter/ or merged_model/ to the Hugging Face Hub
+  generate     print a model's reply to a prompt as it is generated (chat template applied)
+  chat         chat with a model in the terminal, keeping the conversation
 """
 
 
 # Subcommand -> module with its `main`; imported only when used, so that `fnsft --help` and flag errors answer at
 # once and `fnsft merge` does not pay for the training stack.
-COMMANDS = {"train": "training", "templates": "networks.command", "merge": "merge", "push": "hub",
-            "generate": "generate", "chat": "generate:chat"}
+COMMANDS = {"train": "training", "templates": "networks.command", "merge": "merge", "export-gguf": "export.command",
+            "push": "hub", "generate": "generate", "chat": "generate:chat"}
 
 
 # How long a replica of a data-parallel run waits, after an error, for the main process to report it.

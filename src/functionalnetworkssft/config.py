@@ -311,7 +311,14 @@ class TrainConfig(Options):
         "After training, merge the LoRA adapter into the base and save a standalone model to merged_model/.",
         default=False,
     )
+    convert_to_gguf: bool = arg(
+        "After training (and the merge, with --use_peft), export the model to output_dir/model.gguf for llama.cpp "
+        "and Ollama, verified, with a Modelfile beside it.", default=False)
+    gguf_outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = arg(
+        "Type of the GGUF's weight matrices (see fnsft export-gguf --help).", default="f16")
     push_to_hub: bool = arg("Upload the result to the Hugging Face Hub (the adapter, by default).", default=False)
+    upload_gguf: bool = arg("Add model.gguf, its report and the Modelfile to the Hub upload (needs --convert_to_gguf "
+                            "and --push_to_hub).", default=False)
     upload_merged_model: bool = arg(
         "Upload merged_model/ instead of the adapter (needs --merge_adapter_with_base and --push_to_hub).",
         default=False,
@@ -386,6 +393,11 @@ class TrainConfig(Options):
         if self.upload_merged_model and not (self.push_to_hub and self.merge_adapter_with_base):
             found.append("--upload_merged_model needs both --push_to_hub and --merge_adapter_with_base; add them "
                          "or drop --upload_merged_model.")
+        if self.convert_to_gguf and self.use_peft and not self.merge_adapter_with_base:
+            found.append("--convert_to_gguf with --use_peft exports the merged model; add --merge_adapter_with_base.")
+        if self.upload_gguf and not (self.push_to_hub and self.convert_to_gguf):
+            found.append("--upload_gguf needs both --push_to_hub and --convert_to_gguf; add them or drop "
+                         "--upload_gguf.")
         if self.push_to_hub and not self.hub_repo_id:
             found.append("--push_to_hub needs --hub_repo_id USER/NAME.")
         if self.use_4bit and self.use_8bit:

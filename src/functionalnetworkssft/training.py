@@ -134,14 +134,20 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
                 return TrainResult(out, metrics)  # the main process merges and uploads
             if cfg.merge_adapter_with_base:
                 _merge(cfg, source, final_dir, folder.record("merged_model"))
+            if cfg.convert_to_gguf:
+                exported = out / ("merged_model" if cfg.use_peft else "final_model")
+                for name in (GGUF_FILE, GGUF_FILE + ".json", GGUF_FILE + ".rejected", "Modelfile"):
+                    folder.record(name)
+                _export_gguf(cfg, exported, out / GGUF_FILE)
         except BaseException as exc:
             folder.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
             raise _training_failure(exc, guard, out) from None
         folder.finish("complete")
     if cfg.push_to_hub:
         upload = out / ("merged_model" if cfg.upload_merged_model else "final_model")
+        extra = (out / GGUF_FILE, out / (GGUF_FILE + ".json"), out / "Modelfile") if cfg.upload_gguf else ()
         url = hub.push_folder(upload, cfg.hub_repo_id, token=hub_token, private=cfg.hub_private,
-                              revision=cfg.hub_revision, commit_message=cfg.hub_commit_message)
+                              revision=cfg.hub_revision, commit_message=cfg.hub_commit_message, extra_files=extra)
         print(f"Uploaded {upload} to {url}")
     return TrainResult(out, metrics)
 
@@ -159,6 +165,8 @@ def _writes(cfg: TrainConfig) -> tuple[str, ...]:
         names.append("adapter")
     if cfg.merge_adapter_with_base:
         names.append("merged_model")
+    if cfg.convert_to_gguf:
+        names += [GGUF_FILE, GGUF_FILE + ".json", GGUF_FILE + ".rejected", "Modelfile"]
     if cfg.sample_prompts:
         names.append("samples.json")
     if {"tensorboard", "all"} & set(cfg.report_to):
@@ -577,6 +585,29 @@ def _report_samples(samples: dict[str, dict[str, str]], path: Path) -> None:
     for prompt, replies in samples.items():
         print(f"\nPrompt: {prompt}\n  before training: {replies['before']}\n  after training:  {replies['after']}")
     print()
+
+
+GGUF_FILE = "model.gguf"
+
+
+def _export_gguf(cfg: TrainConfig, model_dir: Path, outfile: Path) -> bool:
+    """Export to GGUF; a failure leaves training successful, says how to retry, and stops only an upload that
+    needs the file."""
+    from functionalnetworkssft.export import export_gguf
+
+    retry = f"fnsft export-gguf {model_dir} --outfile {outfile} --outtype {cfg.gguf_outtype}"
+    if not (model_dir / "config.json").is_file():
+        reason = "there is no merged model to export (the merge failed)"
+    else:
+        try:
+            print(export_gguf(model_dir, outfile, outtype=cfg.gguf_outtype)["summary"])
+            return True
+        except Exception as exc:  # training succeeded: an export problem must not take the model with it
+            reason = first_line(exc)
+    print(f"GGUF export failed: {reason}\nThe model is saved in {model_dir}; retry with: {retry}", file=sys.stderr)
+    if cfg.upload_gguf:
+        raise FnsftError(f"--upload_gguf: nothing to upload because the GGUF export failed; retry with: {retry}")
+    return False
 
 
 def _merge(cfg: TrainConfig, source: modeling.ModelSource, adapter_dir: Path, merged_dir: Path) -> None:

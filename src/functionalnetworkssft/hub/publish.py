@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 SCAN_CHUNK = 8 << 20
 # Records whose every value is ours to check, at any depth.
 RECORDS = ("adapter_config.json", TRAINING_RECORD, MERGE_REPORT)
+# The report beside an exported GGUF (FILE.gguf.json) is ours too.
+GGUF_REPORT_SUFFIX = ".gguf.json"
 # Library configs: only their top-level name keys can hold a path (name_or_path and the like); their other values
 # are chat templates, vocabularies and token tables, whose strings must stay as they are.
 CONFIGS = ("config.json", "generation_config.json", "tokenizer_config.json", "processor_config.json",
@@ -41,12 +43,13 @@ class UploadFile:
     content: bytes | None = None  # a public copy to upload instead of the local file
 
 
-def files_to_upload(folder: Path) -> list[UploadFile]:
-    """Every file of the folder (minus hidden ones and the local README.md the card replaces), with public copies
-    of the records that carry local paths."""
+def files_to_upload(folder: Path, extra: tuple[Path, ...] = ()) -> list[UploadFile]:
+    """Every file of the folder (minus hidden ones and the local README.md the card replaces) and the `extra` files
+    (uploaded at the top of the repository, e.g. an exported GGUF and its Modelfile), with public copies of the
+    records that carry local paths."""
     hub_id = base_hub_id(folder)
     dropped: list[str] = []
-    found = []
+    found = [UploadFile(path.name, path, _public_copy(path, hub_id, dropped)) for path in extra]
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if not path.is_file() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
@@ -76,7 +79,7 @@ def base_hub_id(folder: Path) -> str | None:
 
 def _public_copy(path: Path, hub_id: str | None, dropped: list[str]) -> bytes | None:
     """The file's public content when it differs from the local one, else None."""
-    deep = path.name in RECORDS
+    deep = path.name in RECORDS or path.name.endswith(GGUF_REPORT_SUFFIX)
     if not (deep or path.name in CONFIGS):
         return None
     loaded = read_json(path)

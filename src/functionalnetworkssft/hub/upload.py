@@ -57,7 +57,8 @@ def retry_command(folder: str | Path, repo_id: str, *, private: bool = True, rev
 
 def push_folder(folder: str | Path, repo_id: str, *, token: str | None, private: bool = True,
                 revision: str | None = None, commit_message: str | None = None, card: CardInfo | None = None,
-                attempts: int = RETRY_ATTEMPTS, retry_base_delay: float | None = None) -> str:
+                attempts: int = RETRY_ATTEMPTS, retry_base_delay: float | None = None,
+                extra_files: tuple[Path, ...] = ()) -> str:
     """Upload `folder` (adapter, merged or full model) to `repo_id` with a model card; return the commit URL.
 
     Transient failures (5xx, 429, connection errors) are retried `attempts` times with exponential backoff starting
@@ -77,7 +78,7 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str | None, private:
     if card.license is None:
         card = replace(card, license=base_license(card.base_model, token))
     readme = render_card(card, kind, repo_id, endpoint=constants.ENDPOINT)
-    files = files_to_upload(folder)
+    files = files_to_upload(folder, tuple(Path(p) for p in extra_files))
     refuse_secret(files, token, readme, retry)
 
     branch = revision or "main"

@@ -1,0 +1,173 @@
+"""`fnsft export-gguf MODEL_DIR --outfile FILE.gguf`: the export from start to end. Check the flags and the model,
+hold the target, write the file under a hidden staging name, verify it, rename it into place, write the Modelfile
+and the report beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from functionalnetworkssft import __version__
+from functionalnetworkssft.config import Options, arg, field_problems, parse
+from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error
+from functionalnetworkssft.export.arch import UnsupportedModel
+from functionalnetworkssft.export.modelfile import write_modelfile
+from functionalnetworkssft.export.write import OUTTYPES, write_gguf
+from functionalnetworkssft.outputs import FolderLock, writable_problem
+
+
+class ExportError(FnsftError):
+    """The model could not be exported, or the exported file does not compute what the model computes."""
+
+
+@dataclass
+class ExportConfig(Options):
+    """Export a transformers model folder (merged_model/, or a full fine-tune) to one GGUF file for llama.cpp and
+    Ollama, streamed a tensor at a time and verified by loading it back."""
+
+    model_dir: str = arg("Model folder to export (config.json, safetensors weights, tokenizer). May be given as the "
+                         "first positional argument.")
+    outfile: str = arg("GGUF file to write; FILE.gguf.json (the report) and an Ollama Modelfile are written beside "
+                       "it.")
+    outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = arg(
+        "Type of the weight matrices (norms, biases and vectors stay f32; a matrix whose rows are not a multiple of "
+        "32 falls back to f16 for the quantized types).", default="f16")
+    verify: Literal["on", "off"] = arg("Load the file back and compare its logits and tokenization with the model's.",
+                                       default="on")
+
+
+def main(argv: list[str] | None, prog: str = "fnsft export-gguf") -> None:
+    argv = list(argv or [])
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model_dir", argv[0], *argv[1:]]
+    cfg = parse(ExportConfig, argv, prog)
+    problems = field_problems(cfg)
+    if problems:
+        raise UsageError(problems)
+    result = export_gguf(cfg.model_dir, cfg.outfile, outtype=cfg.outtype, verify=cfg.verify == "on")
+    print(result["summary"])
+
+
+def export_gguf(model_dir: str | Path, outfile: str | Path, *, outtype: str = "f16", verify: bool = True,
+                name: str | None = None) -> dict[str, Any]:
+    """Export model_dir to outfile; returns the report (also written to outfile + '.json')."""
+    started = time.perf_counter()
+    model_dir, outfile = Path(model_dir).expanduser(), Path(outfile).expanduser()
+    problems = _usage_problems(model_dir, outfile, outtype)
+    if problems:
+        raise UsageError(problems)
+    outfile.parent.mkdir(parents=True, exist_ok=True)
+    with FolderLock(outfile.parent / f".{outfile.name}.fnsft.lock", "fnsft export-gguf", outfile):
+        _clear_leftovers(outfile)
+        return _export_locked(model_dir, outfile, outtype, verify, name or model_dir.resolve().name, started)
+
+
+def _usage_problems(model_dir: Path, outfile: Path, outtype: str) -> list[str]:
+    problems = []
+    if outtype not in OUTTYPES:
+        problems.append(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}.")
+    if not (model_dir / "config.json").is_file():
+        problems.append(f"--model_dir {model_dir}: not a model folder (no config.json); point at merged_model/ or a "
+                        "fully fine-tuned model folder.")
+    elif (model_dir / "adapter_config.json").is_file() and not any(model_dir.glob("model*.safetensors")):
+        problems.append(f"--model_dir {model_dir}: holds an adapter, not a model; merge it first (fnsft merge) and "
+                        "export merged_model/.")
+    if outfile.suffix != ".gguf":
+        problems.append(f"--outfile {outfile}: name it FILE.gguf.")
+    elif outfile.is_dir():
+        problems.append(f"--outfile {outfile}: is a folder; name a file.")
+    else:
+        problem = writable_problem(outfile.parent, "--outfile")
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _clear_leftovers(outfile: Path) -> None:
+    """Staging files of exports that were killed (we hold the lock, so no export is writing them now)."""
+    for stale in outfile.parent.glob(f".{outfile.name}.*.partial"):
+        stale.unlink(missing_ok=True)
+
+
+def _export_locked(model_dir: Path, outfile: Path, outtype: str, verify: bool, name: str,
+                   started: float) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from functionalnetworkssft.export.write import _read_config
+
+    staging = outfile.with_name(f".{outfile.name}.{os.getpid()}.partial")
+    config = _read_config(model_dir)
+    try:
+        with tqdm(desc="Writing GGUF", unit="tensor", leave=False, disable=None) as progress:
+            written = write_gguf(model_dir, staging, outtype, name, progress)
+    except (UnsupportedModel, ExportError):
+        staging.unlink(missing_ok=True)
+        raise
+    except BaseException as exc:
+        staging.unlink(missing_ok=True)
+        cause = describe_write_error(exc)
+        if cause:
+            raise ExportError(f"could not write {outfile}: {cause}.") from None
+        raise
+    template = written.tokenizer.pop("chat_template_text", None)
+    written.tokenizer["chat_template"] = template is not None
+    report: dict[str, Any] = {
+        "fnsft_version": __version__, "source": str(model_dir), "outfile": outfile.name, "outtype": outtype,
+        "architecture": config.get("model_type"), "tensors": written.tensors, "bytes": written.bytes,
+        "tensor_types": written.types, "f16_fallbacks": written.fallbacks, "tokenizer": written.tokenizer,
+    }
+    if verify:
+        from functionalnetworkssft.export.verify import verify_gguf
+
+        report["write_seconds"] = round(time.perf_counter() - started, 1)
+        try:
+            report["verification"] = verify_gguf(model_dir, staging, outtype)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+    else:
+        report["verification"] = {"status": "skipped"}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    status = report["verification"]["status"]
+    if status == "failed":
+        rejected = outfile.with_name(outfile.name + ".rejected")
+        os.replace(staging, rejected)
+        _write_json(outfile.with_name(outfile.name + ".json"), report)
+        check = report["verification"]
+        raise ExportError(f"the exported file does not compute what {model_dir} computes with its weights stored "
+                          f"as {outtype} (max |logit diff| {check['max_abs_logit_diff_vs_rounded_source']:.3g}, "
+                          f"tolerance {check['rounded_source_tolerance']:.3g}; against the unrounded model "
+                          f"{check['max_abs_logit_diff']:.3g}, tolerance {check['tolerance']:.3g}, top-1 agreement "
+                          f"{check['top1_agreement']:.1%}; tokenizer mismatches: {len(check['tokenizer_mismatches'])})"
+                          f"; kept as {rejected.name} for inspection, details in {outfile.name}.json.")
+    os.replace(staging, outfile)
+    report["modelfile"] = write_modelfile(outfile.parent / "Modelfile", outfile.name, template)
+    _write_json(outfile.with_name(outfile.name + ".json"), report)
+    report["summary"] = _summary(outfile, report)
+    return report
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(json.dumps({k: v for k, v in report.items() if k != "summary"}, indent=1) + "\n")
+    os.replace(staging, path)
+
+
+def _summary(outfile: Path, report: dict[str, Any]) -> str:
+    check = report["verification"]
+    types = ", ".join(f"{count} {kind}" for kind, count in sorted(report["tensor_types"].items()))
+    line = (f"exported {report['tensors']} tensors ({types}) -> {outfile} ({report['bytes'] / 1e9:.2f} GB) in "
+            f"{report['seconds']} s")
+    if check["status"] == "skipped":
+        return line + "; not verified (--verify off)."
+    llama = check.get("llama_cpp", {})
+    return (f"{line}; verification passed: the file computes the model with its weights stored as "
+            f"{report['outtype']} (max |logit diff| {check['max_abs_logit_diff_vs_rounded_source']:.3g}, tolerance "
+            f"{check['rounded_source_tolerance']:.3g}), and against the unrounded model max |logit diff| "
+            f"{check['max_abs_logit_diff']:.3g} (tolerance {check['tolerance']:.3g}), top-1 agreement "
+            f"{check['top1_agreement']:.1%}; tokenizer equal on {check['tokenizer_probes']} probes; llama.cpp: "
+            f"{llama.get('status', 'not run')}. Modelfile: {report['modelfile']}.")

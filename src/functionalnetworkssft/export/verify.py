@@ -1,0 +1,157 @@
+"""Check an exported GGUF against the model it came from.
+
+transformers reads the file back (dequantizing it), and the two models' logits on fixed probes are compared: within
+float rounding for f32, within a tolerance and a top-1 agreement for the lossy types. The GGUF's own tokenizer,
+rebuilt from its metadata, must tokenize probe strings exactly as the source tokenizer does. Where llama-cpp-python
+is installed, llama.cpp itself runs the file too: its next-token logits and a greedy continuation are compared.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from functionalnetworkssft.merge.verify import _probes, _quiet, _run
+
+# |logit difference| allowed, relative to the largest source logit (at least 1), and the share of positions whose
+# top-1 token must agree. f32 is the same numbers; the others carry one rounding or quantization of every weight.
+TOLERANCE = {"f32": (1e-4, 1.0), "f16": (1e-2, 0.97), "bf16": (5e-2, 0.9), "q8_0": (0.1, 0.9), "q4_0": (0.75, 0.4)}
+# Strings whose tokenization must match: scripts, digits, whitespace runs, code, special tokens as text.
+TOKENIZER_PROBES = ("Hello, world! How are you today?", "The year 2024 had 366 days; 3.14159 is pi.",
+                    "  leading spaces,\ttabs\tand\n\nnewlines\n", "def f(x):\n    return x ** 2  # square",
+                    "naïve café, Grüße, 東京, русский, 😀 emoji", "don't won't I'm you're we've they'll she'd")
+
+
+def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet():
+        source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    vocab = source.get_input_embeddings().weight.shape[0]
+    probes = _probes(source_dir, vocab)
+    device = torch.device("cpu")
+    source_runs = [_run(source, p, device) for p in probes]
+    # The model the file should hold exactly: every weight rounded (or quantized) as the writer stored it.
+    _round_trip(source, source_dir, outtype)
+    expected_runs = [_run(source, p, device) for p in probes]
+    del source
+    gc.collect()
+    # transformers' GGUF reader fixes GPT-2's position table at 1,024 rows whatever the file says, so a GPT-2 file is
+    # read with the source's config (its tensors still come from the file; llama.cpp reads the metadata).
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source_dir)
+    config = config if config.model_type == "gpt2" else None
+    with _quiet():
+        exported = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
+                                                        dtype=torch.float32).eval()
+    exported_runs = [_run(exported, p, device) for p in probes]
+    del exported
+    gc.collect()
+
+    relative, min_agreement = TOLERANCE[outtype]
+    scale = max(1.0, max(float(logits.abs().max()) for logits, _ in source_runs))
+    exact_diff = max(float((e - x).abs().max()) for (e, _), (x, _) in zip(exported_runs, expected_runs))
+    exact_tolerance = TOLERANCE["f32"][0] * scale
+    exact_greedy = all(e == x for (_, e), (_, x) in zip(exported_runs, expected_runs))
+    max_diff = max(float((e - s).abs().max()) for (e, _), (s, _) in zip(exported_runs, source_runs))
+    agree = sum(int((e.argmax(-1) == s.argmax(-1)).sum()) for (e, _), (s, _) in zip(exported_runs, source_runs))
+    total = sum(len(s) for s, _ in source_runs)
+    greedy_equal = [e == s for (_, e), (_, s) in zip(exported_runs, source_runs)]
+
+    source_tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    with _quiet():
+        gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    texts = list(TOKENIZER_PROBES) + [t for t in source_tokenizer.all_special_tokens if t][:4]
+    mismatched = [text for text in texts if source_tokenizer(text, add_special_tokens=True)["input_ids"]
+                  != gguf_tokenizer(text, add_special_tokens=True)["input_ids"]]
+    template_equal = getattr(source_tokenizer, "chat_template", None) == getattr(gguf_tokenizer, "chat_template",
+                                                                                  None)
+    tolerance = relative * scale
+    result: dict[str, Any] = {
+        "outtype": outtype,
+        "max_abs_logit_diff_vs_rounded_source": exact_diff,
+        "rounded_source_tolerance": exact_tolerance,
+        "greedy_equal_to_rounded_source": exact_greedy,
+        "max_abs_logit_diff": max_diff,
+        "tolerance": tolerance,
+        "relative_tolerance": relative,
+        "top1_agreement": agree / total,
+        "min_top1_agreement": min_agreement,
+        "greedy_equal": all(greedy_equal),
+        "probes": len(probes),
+        "tokenizer_probes": len(texts),
+        "tokenizer_mismatches": mismatched,
+        "chat_template_equal": template_equal,
+    }
+    passed = (exact_diff <= exact_tolerance and exact_greedy and max_diff <= tolerance
+              and agree / total >= min_agreement and not mismatched and template_equal)
+    result["llama_cpp"] = _llama_cpp(gguf_path, probes, source_runs, tolerance, min_agreement)
+    if result["llama_cpp"].get("status") == "failed":
+        passed = False
+    result["status"] = "passed" if passed else "failed"
+    return result
+
+
+def _llama_cpp(gguf_path: Path, probes, source_runs, tolerance: float, min_agreement: float) -> dict[str, Any]:
+    """Run the file through llama.cpp (llama-cpp-python) where installed; otherwise say it was not run."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"status": "not run", "why": "llama-cpp-python is not installed (pip install 'functionalnetworkssft[gguf]')"}
+    import numpy as np
+
+    longest = max(len(p) for p in probes)
+    model = Llama(model_path=str(gguf_path), n_ctx=max(64, longest + 16), logits_all=True, verbose=False,
+                  seed=0, n_threads=max(1, (torch.get_num_threads())))
+    max_diff, agree, total, greedy_equal = 0.0, 0, 0, True
+    for probe, (source_logits, source_greedy) in zip(probes, source_runs):
+        model.reset()
+        model.eval(probe)
+        logits = np.asarray(model.scores[: len(probe)], dtype=np.float32)
+        reference = source_logits.numpy()[:, : logits.shape[1]]
+        max_diff = max(max_diff, float(np.abs(logits - reference).max()))
+        agree += int((logits.argmax(-1) == reference.argmax(-1)).sum())
+        total += len(probe)
+        continuation = []
+        for _ in range(len(source_greedy)):
+            token = int(np.asarray(model.scores[model.n_tokens - 1]).argmax())
+            continuation.append(token)
+            model.eval([token])
+        greedy_equal = greedy_equal and continuation == source_greedy
+    del model
+    passed = max_diff <= tolerance and agree / total >= min_agreement
+    return {"status": "passed" if passed else "failed", "max_abs_logit_diff": max_diff,
+            "top1_agreement": agree / total, "greedy_equal": greedy_equal}
+
+
+@torch.no_grad()
+def _round_trip(model, source_dir: Path, outtype: str) -> None:
+    """Replace each weight of `model` by what the GGUF stores for it (cast or quantized, then read back), so that
+    the exported file can be held to float rounding whatever its type."""
+    import gguf
+    import numpy as np
+
+    from functionalnetworkssft.export import arch as archs
+    from functionalnetworkssft.export.write import _read_config, tensor_type
+
+    config = _read_config(source_dir)
+    parameters = dict(model.named_parameters())
+    plan = archs.tensors(archs.architecture(config), config,
+                         [(name, tuple(p.shape)) for name, p in parameters.items()])
+    tied = not any(t.gguf_name == "output.weight" for t in plan)
+    for tensor in plan:
+        kind = tensor_type(tensor.gguf_name, tensor.shape, outtype, tied)
+        if tensor.source not in parameters or kind == gguf.GGMLQuantizationType.F32:
+            continue
+        weight = parameters[tensor.source]
+        # Quantization blocks run along rows. GPT-2's transpose changes which axis that is, so it is applied and
+        # undone; q/k permutations move whole rows, so rounding the weights unpermuted gives the same values.
+        transposed = tensor.transform is np.transpose
+        stored = weight.detach().float().numpy()
+        stored = np.ascontiguousarray(stored.T if transposed else stored, dtype=np.float32)
+        restored = gguf.quants.dequantize(gguf.quants.quantize(stored, kind), kind)
+        weight.copy_(torch.from_numpy(np.ascontiguousarray(restored.T if transposed else restored)))

@@ -1,0 +1,131 @@
+"""Write a GGUF file a tensor at a time.
+
+The header and tensor table are written first from shapes alone (the size of each tensor in its output type is
+known before its data is read); then each tensor is read from the checkpoint, transformed, converted and appended.
+Memory holds one tensor (and its converted copy), whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from functionalnetworkssft.export import arch as archs
+from functionalnetworkssft.export.vocab import add_tokenizer
+
+# Output type -> (GGML type of the large matrices, general.file_type).
+OUTTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2)}
+
+
+@dataclass
+class Written:
+    path: Path
+    tensors: int
+    bytes: int
+    types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
+    fallbacks: list[str] = field(default_factory=list)  # tensors kept in F16: rows not a multiple of the block
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+
+
+OUTPUT, TIED_OUTPUT = "output.weight", "token_embd.weight"
+
+
+def tensor_type(name: str, shape: tuple[int, ...], outtype: str, tied: bool = False):
+    """The GGML type of one tensor, as llama.cpp's converter chooses it: vectors, norms, biases and position
+    embeddings stay F32; a matrix whose rows don't fill whole quantization blocks falls back to F16."""
+    import gguf
+
+    kinds = gguf.GGMLQuantizationType
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or \
+            name.startswith("position_embd"):
+        return kinds.F32
+    wanted = getattr(kinds, OUTTYPES[outtype][0])
+    if wanted == kinds.Q4_0 and name in (OUTPUT, TIED_OUTPUT if tied else OUTPUT):
+        # The output projection is where 4-bit error hurts most; llama.cpp's own 4-bit presets keep it at higher
+        # precision too (there Q6_K, which gguf-py cannot write; Q8_0 here).
+        wanted = kinds.Q8_0
+    block, _ = gguf.GGML_QUANT_SIZES[wanted]
+    if shape[-1] % block:
+        return kinds.F16
+    return wanted
+
+
+def write_gguf(model_dir: Path, outfile: Path, outtype: str, name: str, progress=None) -> Written:
+    """Write the GGUF to `outfile` (the caller's staging name) and flush it to disk."""
+    import gguf
+
+    from functionalnetworkssft.merge.io import BaseWeights
+
+    config = _read_config(model_dir)
+    arch = archs.architecture(config)
+    weights = BaseWeights(model_dir)
+    try:
+        plan = archs.tensors(arch, config, [(n, weights.info(n).shape) for n in weights.names()])
+        writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        archs.add_metadata(writer, arch, config)
+        writer.add_file_type(OUTTYPES[outtype][1])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        tokenizer = add_tokenizer(writer, model_dir, config.get("vocab_size") or 0)
+        written = Written(outfile, len(plan), 0, tokenizer=tokenizer)
+        tied = not any(tensor.gguf_name == OUTPUT for tensor in plan)  # the input embedding is the output too
+        types = []
+        for tensor in plan:
+            kind = tensor_type(tensor.gguf_name, tensor.shape, outtype, tied)
+            if kind == gguf.GGMLQuantizationType.F16 and OUTTYPES[outtype][0] not in ("F16", "F32") and \
+                    len(tensor.shape) > 1 and tensor.gguf_name.endswith(".weight"):
+                written.fallbacks.append(tensor.gguf_name)
+            types.append(kind)
+            byte_shape = gguf.quant_shape_to_byte_shape(tensor.shape, kind) if kind not in (
+                gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else tensor.shape
+            item = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(kind, 1)
+            nbytes = int(np.prod(byte_shape)) * item
+            dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(
+                kind, np.uint8)
+            writer.add_tensor_info(tensor.gguf_name, byte_shape, np.dtype(dtype), nbytes,
+                                   raw_dtype=None if dtype is not np.uint8 else kind)
+            written.types[kind.name] = written.types.get(kind.name, 0) + 1
+        try:
+            writer.write_header_to_file(outfile)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for tensor, kind in zip(plan, types):
+                array = tensor.computed if tensor.computed is not None else \
+                    weights.read(tensor.source).float().numpy()
+                array = np.ascontiguousarray(tensor.transform(array), dtype=np.float32)
+                writer.write_tensor_data(gguf.quants.quantize(array, kind) if kind != gguf.GGMLQuantizationType.F32
+                                         else array)
+                if progress is not None:
+                    progress.update(1)
+            for handle in writer.fout or []:
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            writer.close()
+        written.bytes = outfile.stat().st_size
+        return written
+    finally:
+        weights.close()
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    import json
+
+    from functionalnetworkssft.errors import FnsftError
+
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FnsftError(f"{model_dir}: no config.json; point at a transformers model folder (merged_model/ or "
+                         "final_model/ of a full fine-tune).") from None
+    except (OSError, ValueError) as exc:
+        raise FnsftError(f"{path}: unreadable ({exc}).") from None
+    if not isinstance(config, dict):
+        raise FnsftError(f"{path}: expected a JSON object.")
+    return config

