@@ -270,3 +270,57 @@ def test_quickstart_round_trip_the_exported_gguf_replies_as_the_merged_model(tmp
             replies.append(model.generate(**prompt, max_new_tokens=12, do_sample=False)[0].tolist())
         del model
     assert replies[0] == replies[1]
+
+
+def test_a_second_export_to_the_same_file_is_refused_while_the_first_runs(tiny_llama, tmp_path):
+    from functionalnetworkssft.errors import FnsftError
+    from functionalnetworkssft.outputs import FolderLock
+
+    out = tmp_path / "m.gguf"
+    with FolderLock(tmp_path / ".m.gguf.fnsft.lock", "fnsft export-gguf", out):
+        with pytest.raises(FnsftError, match="is being written by fnsft export-gguf"):
+            export_gguf(tiny_llama, out, verify=False)
+    assert not out.exists()
+    export_gguf(tiny_llama, out, verify=False)  # and once the first is done, it goes ahead
+    assert out.exists()
+
+
+def test_a_half_precision_model_exports_from_its_own_dtype(tiny_llama_bf16, tmp_path):
+    report = export_gguf(tiny_llama_bf16, tmp_path / "m.gguf", outtype="bf16")
+    assert report["verification"]["status"] == "passed"
+    assert report["verification"]["max_abs_logit_diff"] <= report["verification"]["tolerance"]
+
+
+def test_a_digit_splitting_tokenizer_is_written_as_smollm_and_tokenizes_the_same(tiny_llama, tmp_path):
+    import shutil
+
+    import gguf
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    folder = tmp_path / "digits"
+    shutil.copytree(tiny_llama, folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    report = export_gguf(folder, tmp_path / "m.gguf", outtype="f16")
+    assert report["tokenizer"]["pre"] == "smollm"
+    assert report["verification"]["status"] == "passed" and not report["verification"]["tokenizer_mismatches"]
+    assert gguf.GGUFReader(tmp_path / "m.gguf").get_field("tokenizer.ggml.pre").contents() == "smollm"
+
+
+def test_a_pre_tokenizer_llama_cpp_cannot_reproduce_is_refused(tiny_llama, tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from functionalnetworkssft.export.arch import UnsupportedModel
+
+    folder = tmp_path / "whitespace"
+    shutil.copytree(tiny_llama, folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    with pytest.raises(UnsupportedModel, match="not one llama.cpp can reproduce"):
+        export_gguf(folder, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".m.gguf*"))

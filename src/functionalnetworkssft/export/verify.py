@@ -65,6 +65,7 @@ def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, An
     source_tokenizer = AutoTokenizer.from_pretrained(source_dir)
     with _quiet():
         gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    _apply_llama_cpp_pre_tokenizer(gguf_tokenizer, gguf_path)
     texts = list(TOKENIZER_PROBES) + [t for t in source_tokenizer.all_special_tokens if t][:4]
     mismatched = [text for text in texts if source_tokenizer(text, add_special_tokens=True)["input_ids"]
                   != gguf_tokenizer(text, add_special_tokens=True)["input_ids"]]
@@ -155,3 +156,15 @@ def _round_trip(model, source_dir: Path, outtype: str) -> None:
         stored = np.ascontiguousarray(stored.T if transposed else stored, dtype=np.float32)
         restored = gguf.quants.dequantize(gguf.quants.quantize(stored, kind), kind)
         weight.copy_(torch.from_numpy(np.ascontiguousarray(restored.T if transposed else restored)))
+
+
+def _apply_llama_cpp_pre_tokenizer(tokenizer, gguf_path: Path) -> None:
+    """transformers rebuilds a "smollm" file's tokenizer with plain ByteLevel splitting, while llama.cpp splits
+    digits first for that name; the check uses llama.cpp's rule, which is what the file means."""
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    field = gguf.GGUFReader(gguf_path).get_field("tokenizer.ggml.pre")
+    if field is not None and field.contents() == "smollm":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
