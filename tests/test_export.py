@@ -254,7 +254,11 @@ def test_quickstart_round_trip_the_exported_gguf_replies_as_the_merged_model(tmp
     out = tmp_path / "out"
     code, errors, _ = cli(capsys, "train", "--model_name_or_path", EMBEDDED, "--dataset_name_or_path", data,
                           "--output_dir", out, "--use_peft", "--max_steps", "1", "--validation_split", "0",
-                          "--max_seq_length", "64", "--merge_adapter_with_base")
+                          "--max_seq_length", "64")
+    assert code == 0, errors
+    # The merge's own verification is tested elsewhere; here the question is the GGUF's.
+    code, errors, _ = cli(capsys, "merge", "--adapter_path", out / "final_model", "--output_dir",
+                          out / "merged_model", "--verify", "off")
     assert code == 0, errors
     code, errors, _ = cli(capsys, "export-gguf", out / "merged_model", "--outfile", out / "model.gguf", "--outtype",
                           "f32", "--verify", "off")
@@ -324,3 +328,60 @@ def test_a_pre_tokenizer_llama_cpp_cannot_reproduce_is_refused(tiny_llama, tmp_p
     with pytest.raises(UnsupportedModel, match="not one llama.cpp can reproduce"):
         export_gguf(folder, tmp_path / "m.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".m.gguf*"))
+
+
+# A stand-in for llama-cpp-python with its API (Llama: eval, scores, n_tokens, tokenize, metadata), computing with
+# transformers from the GGUF file alone, so that the llama.cpp check is exercised where llama.cpp is not installed:
+# "exact" behaves as a correct llama.cpp, "off" returns wrong logits, "crash" dies on an illegal instruction.
+FAKE_LLAMA_CPP = '''
+import os, signal
+from pathlib import Path
+import numpy as np, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+MODE = os.environ["FAKE_LLAMA_MODE"]
+class Llama:
+    def __init__(self, model_path, **kwargs):
+        if MODE == "crash":
+            os.kill(os.getpid(), signal.SIGILL)
+        path = Path(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        self.metadata = {}
+        self.reset()
+    def reset(self):
+        self.ids, self.scores, self.n_tokens = [], np.zeros((0, 0), np.float32), 0
+    def eval(self, tokens):
+        self.ids += list(tokens)
+        with torch.no_grad():
+            logits = self.model(torch.tensor([self.ids])).logits[0].numpy()
+        if MODE == "off":
+            logits = logits + np.random.default_rng(0).normal(0, 5, logits.shape).astype(np.float32)
+        self.scores, self.n_tokens = logits, len(self.ids)
+    def tokenize(self, text, add_bos=False, special=True):
+        return self.tokenizer(text.decode())["input_ids"]
+'''
+
+
+@pytest.mark.parametrize("mode, status", [("exact", "passed"), ("off", "failed"), ("crash", "not run")])
+def test_the_llama_cpp_check_compares_its_logits_and_survives_its_crash(mode, status, tiny_llama, tmp_path,
+                                                                        monkeypatch):
+    fake = tmp_path / "fake"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.syspath_prepend(str(fake))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_LLAMA_MODE", mode)
+    out = tmp_path / "m.gguf"
+    if mode == "off":
+        with pytest.raises(ExportError):
+            export_gguf(tiny_llama, out, outtype="f16")
+        report = json.loads((tmp_path / "m.gguf.json").read_text())
+    else:
+        report = export_gguf(tiny_llama, out, outtype="f16")
+        assert out.exists() and report["verification"]["status"] == "passed"
+    check = report["verification"]["llama_cpp"]
+    assert check["status"] == status, check
+    if mode == "exact":
+        assert check["greedy_equal"] and not check["tokenizer_mismatches"] and check["top1_agreement"] == 1.0
+    if mode == "crash":
+        assert "crashed (SIGILL)" in check["why"]

@@ -90,43 +90,39 @@ def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, An
     }
     passed = (exact_diff <= exact_tolerance and exact_greedy and max_diff <= tolerance
               and agree / total >= min_agreement and not mismatched and template_equal)
-    result["llama_cpp"] = _llama_cpp(gguf_path, probes, source_runs, tolerance, min_agreement)
+    result["llama_cpp"] = _llama_cpp(gguf_path, probes, expected_runs, tolerance, texts, source_tokenizer)
     if result["llama_cpp"].get("status") == "failed":
         passed = False
     result["status"] = "passed" if passed else "failed"
     return result
 
 
-def _llama_cpp(gguf_path: Path, probes, source_runs, tolerance: float, min_agreement: float) -> dict[str, Any]:
-    """Run the file through llama.cpp (llama-cpp-python) where installed; otherwise say it was not run."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return {"status": "not run", "why": "llama-cpp-python is not installed (pip install 'functionalnetworkssft[gguf]')"}
-    import numpy as np
+def _llama_cpp(gguf_path: Path, probes, expected_runs, tolerance: float, texts, source_tokenizer) -> dict[str, Any]:
+    """llama.cpp's own logits and greedy tokens for the file, against the model as the file stores it."""
+    from functionalnetworkssft.export import llama_cpp
 
-    longest = max(len(p) for p in probes)
-    model = Llama(model_path=str(gguf_path), n_ctx=max(64, longest + 16), logits_all=True, verbose=False,
-                  seed=0, n_threads=max(1, (torch.get_num_threads())))
-    max_diff, agree, total, greedy_equal = 0.0, 0, 0, True
-    for probe, (source_logits, source_greedy) in zip(probes, source_runs):
-        model.reset()
-        model.eval(probe)
-        logits = np.asarray(model.scores[: len(probe)], dtype=np.float32)
-        reference = source_logits.numpy()[:, : logits.shape[1]]
-        max_diff = max(max_diff, float(np.abs(logits - reference).max()))
-        agree += int((logits.argmax(-1) == reference.argmax(-1)).sum())
-        total += len(probe)
-        continuation = []
-        for _ in range(len(source_greedy)):
-            token = int(np.asarray(model.scores[model.n_tokens - 1]).argmax())
-            continuation.append(token)
-            model.eval([token])
-        greedy_equal = greedy_equal and continuation == source_greedy
-    del model
-    passed = max_diff <= tolerance and agree / total >= min_agreement
+    if not llama_cpp.available():
+        return {"status": "not run",
+                "why": "llama-cpp-python is not installed (pip install 'functionalnetworkssft[gguf]')"}
+    outcome = llama_cpp.run(gguf_path, probes, len(expected_runs[0][1]), list(texts))
+    if isinstance(outcome, str):
+        # The checker could not run (a crash is about the llama.cpp build, not the file): said, not failed.
+        return {"status": "not run", "why": outcome}
+    logits, greedy, tokens = outcome
+    mismatched = [text for text, got in zip(texts, tokens)
+                  if got != source_tokenizer(text, add_special_tokens=True)["input_ids"]]
+    max_diff = agree = total = 0
+    for got, (expected, _) in zip(logits, expected_runs):
+        reference = expected.numpy()[:, : got.shape[1]]
+        max_diff = max(max_diff, float(abs(got - reference).max()))
+        agree += int((got.argmax(-1) == reference.argmax(-1)).sum())
+        total += len(reference)
+    greedy_equal = greedy == [tokens for _, tokens in expected_runs]
+    # llama.cpp computes in its own order (and f16/quantized dot products), so it is held to the tolerance of the
+    # comparison with the unrounded model, and its top-1 tokens must agree where the file's model is decisive.
+    passed = max_diff <= tolerance and agree / total >= 0.9 and not mismatched
     return {"status": "passed" if passed else "failed", "max_abs_logit_diff": max_diff,
-            "top1_agreement": agree / total, "greedy_equal": greedy_equal}
+            "top1_agreement": agree / total, "greedy_equal": greedy_equal, "tokenizer_mismatches": mismatched}
 
 
 @torch.no_grad()

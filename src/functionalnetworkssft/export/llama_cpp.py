@@ -1,0 +1,84 @@
+"""Run a GGUF through llama.cpp (llama-cpp-python) in a child process.
+
+A llama.cpp build can die on this machine's CPU (an instruction the build assumed and the CPU or VM refuses) or
+abort inside the library; in a child process that is reported as a failed check instead of taking the export, and
+the training run around it, down with it.
+
+    python -m functionalnetworkssft.export.llama_cpp FILE.gguf REQUEST.json RESULT.npz
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def run(gguf_path: Path, probes: list[list[int]], greedy_tokens: int, texts: list[str], timeout: float = 600.0
+        ) -> tuple[list[np.ndarray], list[list[int]], list[list[int]]] | str:
+    """Each probe's logits and greedy continuation from llama.cpp, and its tokenization of `texts` (special tokens
+    parsed, BOS as the file says), or a sentence saying why there are none."""
+    with tempfile.TemporaryDirectory(prefix="fnsft-llama-cpp-") as tmp:
+        request, result = Path(tmp) / "request.json", Path(tmp) / "result.npz"
+        request.write_text(json.dumps({"probes": probes, "greedy_tokens": greedy_tokens, "texts": texts}))
+        try:
+            done = subprocess.run([sys.executable, "-m", __name__, str(gguf_path), str(request), str(result)],
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"llama.cpp did not finish within {timeout:.0f} s"
+        if done.returncode != 0 or not result.is_file():
+            if done.returncode < 0:
+                import signal
+
+                return (f"llama.cpp crashed ({signal.Signals(-done.returncode).name}); the llama-cpp-python build "
+                        "may not suit this CPU (rebuild it with CMAKE_ARGS=-DGGML_NATIVE=OFF)")
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"llama.cpp failed (exit {done.returncode}): {last[:200]}"
+        with np.load(result) as saved:
+            count = len(probes)
+            return ([saved[f"logits{i}"] for i in range(count)],
+                    [saved[f"greedy{i}"].astype(int).tolist() for i in range(count)],
+                    [saved[f"tokens{i}"].astype(int).tolist() for i in range(len(texts))])
+
+
+def _main(gguf_path: str, request_path: str, result_path: str) -> None:
+    from llama_cpp import Llama
+
+    request: dict[str, Any] = json.loads(Path(request_path).read_text())
+    probes, greedy_tokens = request["probes"], request["greedy_tokens"]
+    model = Llama(model_path=gguf_path, n_ctx=max(64, max(len(p) for p in probes) + greedy_tokens + 8),
+                  logits_all=True, verbose=False, seed=0)
+    arrays = {}
+    for index, probe in enumerate(probes):
+        model.reset()
+        model.eval(probe)
+        # A copy: `scores` is llama.cpp's buffer, which the next probe overwrites.
+        arrays[f"logits{index}"] = np.array(model.scores[: len(probe)], dtype=np.float32, copy=True)
+        continuation = []
+        for _ in range(greedy_tokens):
+            token = int(np.asarray(model.scores[model.n_tokens - 1]).argmax())
+            continuation.append(token)
+            model.eval([token])
+        arrays[f"greedy{index}"] = np.asarray(continuation, dtype=np.int64)
+    add_bos = bool(model.metadata.get("tokenizer.ggml.add_bos_token") == "true")
+    for index, text in enumerate(request["texts"]):
+        arrays[f"tokens{index}"] = np.asarray(model.tokenize(text.encode(), add_bos=add_bos, special=True),
+                                              dtype=np.int64)
+    staging = Path(result_path).with_suffix(".partial.npz")
+    np.savez(staging, **arrays)
+    staging.replace(result_path)
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:4])
