@@ -385,3 +385,45 @@ def test_the_llama_cpp_check_compares_its_logits_and_survives_its_crash(mode, st
         assert check["greedy_equal"] and not check["tokenizer_mismatches"] and check["top1_agreement"] == 1.0
     if mode == "crash":
         assert "crashed (SIGILL)" in check["why"]
+
+
+EXPORT_MEMORY_PROBE = """
+import json, sys, psutil
+import gguf, numpy, torch, transformers, tqdm.auto  # what the export imports, loaded before the baseline
+from transformers import AutoTokenizer
+from functionalnetworkssft.export import export_gguf
+before = psutil.Process().memory_info().rss
+export_gguf(sys.argv[1], sys.argv[2], outtype="f16", verify=False)
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"before": before, "peak": peak}))
+"""
+
+
+def test_export_memory_stays_flat_as_the_model_grows(tmp_path):
+    """Peak RSS grows by the same fixed amount (libraries warming up, one tensor) for a model four times larger."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    growth, sizes = {}, {}
+    for layers in (12, 48):
+        config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0, 0.02)
+        folder = tmp_path / f"model{layers}"
+        model.save_pretrained(folder, max_shard_size="50MB")
+        build_tokenizer(chat=True).save_pretrained(folder)
+        sizes[layers] = sum(p.numel() * 4 for p in model.parameters())
+        del model
+        result = subprocess.run([sys.executable, "-c", EXPORT_MEMORY_PROBE, str(folder), str(tmp_path / "m.gguf")],
+                                capture_output=True, text=True, check=True)
+        figures = json.loads(result.stdout.strip().splitlines()[-1])
+        growth[layers] = figures["peak"] - figures["before"]
+    assert sizes[48] > 200e6 and sizes[48] - sizes[12] > 150e6
+    # 150 MB more weights, and the peak moves by less than a tenth of that.
+    assert growth[48] - growth[12] < 0.1 * (sizes[48] - sizes[12]), (growth, sizes)
+    assert growth[48] < 0.5 * sizes[48], (growth, sizes)
