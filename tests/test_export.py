@@ -104,7 +104,7 @@ def test_the_tokenizer_and_chat_template_are_in_the_metadata(tiny_llama, tmp_pat
 def test_the_modelfile_carries_chatml_and_its_stops_or_says_why_not(tiny_llama, tiny_gpt2, tmp_path):
     export_gguf(tiny_llama, tmp_path / "chat" / "m.gguf", verify=False)
     text = (tmp_path / "chat" / "Modelfile").read_text()
-    assert text.startswith("FROM ./m.gguf\n")
+    assert "\nFROM ./m.gguf\n" in text
     assert "<|im_start|>{{ .Role }}" in text and "{{ .Content }}<|im_end|>" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
     export_gguf(tiny_gpt2, tmp_path / "plain" / "m.gguf", verify=False)
@@ -427,3 +427,22 @@ def test_export_memory_stays_flat_as_the_model_grows(tmp_path):
     # 150 MB more weights, and the peak moves by less than a tenth of that.
     assert growth[48] - growth[12] < 0.1 * (sizes[48] - sizes[12]), (growth, sizes)
     assert growth[48] < 0.5 * sizes[48], (growth, sizes)
+
+
+def test_a_file_or_modelfile_that_is_not_ours_is_never_overwritten(tiny_llama, tmp_path, capsys):
+    theirs = tmp_path / "a" / "model.gguf"
+    theirs.parent.mkdir()
+    theirs.write_bytes(b"someone's model")
+    code, errors, _ = cli(capsys, "export-gguf", tiny_llama, "--outfile", theirs, "--verify", "off")
+    assert code == 2 and "was not written by fnsft export-gguf" in errors[0]
+    assert theirs.read_bytes() == b"someone's model"
+    modelfile = tmp_path / "b" / "Modelfile"
+    modelfile.parent.mkdir()
+    modelfile.write_text("FROM llama3\nSYSTEM mine\n")
+    code, errors, _ = cli(capsys, "export-gguf", tiny_llama, "--outfile", tmp_path / "b" / "m.gguf")
+    assert code == 2 and "Modelfile exists" in errors[0] and modelfile.read_text() == "FROM llama3\nSYSTEM mine\n"
+    # Our own earlier export is replaced.
+    for _ in range(2):
+        code, errors, _ = cli(capsys, "export-gguf", tiny_llama, "--outfile", tmp_path / "c" / "m.gguf", "--verify",
+                              "off")
+        assert code == 0, errors

@@ -15,7 +15,7 @@ from functionalnetworkssft import __version__
 from functionalnetworkssft.config import Options, arg, field_problems, parse
 from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error
 from functionalnetworkssft.export.arch import UnsupportedModel
-from functionalnetworkssft.export.modelfile import write_modelfile
+from functionalnetworkssft.export.modelfile import is_ours, write_modelfile
 from functionalnetworkssft.export.write import OUTTYPES, write_gguf
 from functionalnetworkssft.outputs import FolderLock, writable_problem
 
@@ -76,6 +76,13 @@ def _usage_problems(model_dir: Path, outfile: Path, outtype: str) -> list[str]:
     elif (model_dir / "adapter_config.json").is_file() and not any(model_dir.glob("model*.safetensors")):
         problems.append(f"--model_dir {model_dir}: holds an adapter, not a model; merge it first (fnsft merge) and "
                         "export merged_model/.")
+    if outfile.is_file() and not _written_by_us(outfile):
+        problems.append(f"--outfile {outfile}: exists and was not written by fnsft export-gguf (no {outfile.name}.json "
+                        "report beside it); remove it or choose another name.")
+    modelfile = outfile.parent / "Modelfile"
+    if modelfile.is_file() and not is_ours(modelfile):
+        problems.append(f"--outfile {outfile}: {modelfile} exists and was not written by fnsft export-gguf; move it "
+                        "or export into another folder.")
     if outfile.suffix != ".gguf":
         problems.append(f"--outfile {outfile}: name it FILE.gguf.")
     elif outfile.is_dir():
@@ -85,6 +92,14 @@ def _usage_problems(model_dir: Path, outfile: Path, outtype: str) -> list[str]:
         if problem:
             problems.append(problem)
     return problems
+
+
+def _written_by_us(outfile: Path) -> bool:
+    try:
+        report = json.loads(outfile.with_name(outfile.name + ".json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "fnsft_version" in report and report.get("outfile") == outfile.name
 
 
 def _clear_leftovers(outfile: Path) -> None:

@@ -31,6 +31,17 @@ FAMILIES = [("<|im_start|>", "ChatML", CHATML), ("<|start_header_id|>", "Llama-3
             ("<start_of_turn>", "Gemma", GEMMA), ("[INST]", "Mistral", MISTRAL), ("<|assistant|>", "Phi-3", PHI3)]
 
 
+MARKER = "# Written by fnsft export-gguf; rewritten by the next export to this folder."
+
+
+def is_ours(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.readline().rstrip("\n") == MARKER
+    except OSError:
+        return False
+
+
 def family(chat_template: str | None) -> tuple[str, str, list[str]] | None:
     if not chat_template:
         return None
@@ -43,7 +54,7 @@ def family(chat_template: str | None) -> tuple[str, str, list[str]] | None:
 def write_modelfile(path: Path, gguf_name: str, chat_template: str | None) -> str:
     """Write the Modelfile; returns the family written, or a sentence saying why no template was."""
     found = family(chat_template)
-    lines = [f"FROM ./{gguf_name}", ""]
+    lines = [MARKER, f"FROM ./{gguf_name}", ""]
     if found is None:
         why = ("the model has no chat template" if not chat_template else
                "its chat template is not one of ChatML, Llama-3, Mistral, Gemma or Phi-3")
