@@ -446,3 +446,19 @@ def test_a_file_or_modelfile_that_is_not_ours_is_never_overwritten(tiny_llama, t
         code, errors, _ = cli(capsys, "export-gguf", tiny_llama, "--outfile", tmp_path / "c" / "m.gguf", "--verify",
                               "off")
         assert code == 0, errors
+
+
+@pytest.mark.parametrize("change, needle, status", [
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "holds quantized weights (bitsandbytes)", 2),
+    ({"num_attention_heads": None}, "missing or malformed hyperparameter", 1)])
+def test_a_quantized_or_incomplete_model_is_one_line(change, needle, status, tiny_llama, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    config = {**json.loads((folder / "config.json").read_text()), **change}
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    code, errors, _ = cli(capsys, "export-gguf", folder, "--outfile", tmp_path / "m.gguf")
+    assert code == status
+    one_line(errors, needle)
+    assert not list(tmp_path.glob("*m.gguf*"))

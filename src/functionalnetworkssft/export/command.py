@@ -73,6 +73,9 @@ def _usage_problems(model_dir: Path, outfile: Path, outtype: str) -> list[str]:
     if not (model_dir / "config.json").is_file():
         problems.append(f"--model_dir {model_dir}: not a model folder (no config.json); point at merged_model/ or a "
                         "fully fine-tuned model folder.")
+    elif _quantized(model_dir):
+        problems.append(f"--model_dir {model_dir}: holds quantized weights ({_quantized(model_dir)}); export the "
+                        "16/32-bit model (merged_model/ is always saved in the base's own dtype).")
     elif (model_dir / "adapter_config.json").is_file() and not any(model_dir.glob("model*.safetensors")):
         problems.append(f"--model_dir {model_dir}: holds an adapter, not a model; merge it first (fnsft merge) and "
                         "export merged_model/.")
@@ -92,6 +95,17 @@ def _usage_problems(model_dir: Path, outfile: Path, outtype: str) -> list[str]:
         if problem:
             problems.append(problem)
     return problems
+
+
+def _quantized(model_dir: Path) -> str | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if not quant:
+        return None
+    return str(quant.get("quant_method", "unknown method")) if isinstance(quant, dict) else "unknown method"
 
 
 def _written_by_us(outfile: Path) -> bool:

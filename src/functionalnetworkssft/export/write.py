@@ -68,7 +68,11 @@ def write_gguf(model_dir: Path, outfile: Path, outtype: str, name: str, progress
         writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
-        archs.add_metadata(writer, arch, config)
+        try:
+            archs.add_metadata(writer, arch, config)
+        except (KeyError, TypeError) as exc:
+            raise archs.UnsupportedModel(f"{model_dir / 'config.json'}: missing or malformed hyperparameter "
+                                         f"{exc}; it is not a complete {config.get('model_type')} config.") from None
         writer.add_file_type(OUTTYPES[outtype][1])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tokenizer = add_tokenizer(writer, model_dir, config.get("vocab_size") or 0)
