@@ -212,9 +212,14 @@ def test_train_converts_to_gguf_and_an_export_failure_leaves_training_successful
     import functionalnetworkssft.export as export_package
 
     monkeypatch.setattr(export_package, "export_gguf", broken)
-    code, errors, _ = cli(capsys, *args, "--overwrite_output_dir")
+    from functionalnetworkssft.cli import main
+
+    code = main([str(a) for a in [*args, "--overwrite_output_dir"]])
     captured = capsys.readouterr()
     assert code == 0 and (out / "merged_model" / "config.json").exists()
+    assert "GGUF export failed: simulated export failure" in captured.err
+    assert f"retry with: fnsft export-gguf {out / 'merged_model'} --outfile {out / 'model.gguf'}" in captured.err
+    assert not (out / "model.gguf").exists()
 
 
 def test_gguf_flags_that_cannot_work_are_refused_up_front(tiny_llama, tmp_path, capsys):
