@@ -467,3 +467,30 @@ def test_a_quantized_or_incomplete_model_is_one_line(change, needle, status, tin
     assert code == status
     one_line(errors, needle)
     assert not list(tmp_path.glob("*m.gguf*"))
+
+
+def test_llama3_rope_scaling_is_written_as_rope_factors(tmp_path):
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from functionalnetworkssft.export.arch import llama3_rope_factors
+
+    tokenizer = build_tokenizer(chat=True)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_parameters=rope, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    report = export_gguf(tmp_path / "model", tmp_path / "m.gguf", outtype="f32")
+    assert report["verification"]["status"] == "passed"
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    factors = np.asarray(tensors["rope_freqs.weight"].data)
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert np.array_equal(factors, llama3_rope_factors(saved)) and len(factors) == 64 // 4 // 2
+    assert factors.min() == 1.0 and factors.max() == 8.0  # high frequencies kept, low ones scaled by the factor

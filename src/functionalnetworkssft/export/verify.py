@@ -39,12 +39,15 @@ def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, An
     expected_runs = [_run(source, p, device) for p in probes]
     del source
     gc.collect()
-    # transformers' GGUF reader fixes GPT-2's position table at 1,024 rows whatever the file says, so a GPT-2 file is
-    # read with the source's config (its tensors still come from the file; llama.cpp reads the metadata).
+    # transformers' GGUF reader fixes GPT-2's position table at 1,024 rows and drops rope scaling (Llama-3.1's
+    # frequency factors) whatever the file says, so such files are read with the source's config: their tensors
+    # still come from the file, and llama.cpp, where installed, reads their metadata.
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source_dir)
-    config = config if config.model_type == "gpt2" else None
+    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    scaled = isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default"
+    config = config if config.model_type == "gpt2" or scaled else None
     with _quiet():
         exported = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
                                                         dtype=torch.float32).eval()
