@@ -73,6 +73,20 @@ def build_model(arch: str, vocab_size: int, tokenizer, dtype=None, tie: bool | N
     return model
 
 
+def random_llama(**config):
+    """A Llama of any size, built without initialising it twice: weights drawn once from N(0, 0.02)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**config))
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    return model
+
+
 def save_tiny(path: Path, arch: str, chat: bool, dtype=None, tie=None) -> Path:
     tokenizer = build_tokenizer(chat)
     model = build_model(arch, len(tokenizer), tokenizer, dtype=dtype, tie=tie)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOY, build_tokenizer, write_jsonl
+from conftest import TOY, build_tokenizer, random_llama, write_jsonl
 from hostile import cli, one_line
 from functionalnetworkssft.export import ExportError, export_gguf
 
@@ -406,19 +406,10 @@ print(json.dumps({"before": before, "peak": peak}))
 
 def test_export_memory_stays_flat_as_the_model_grows(tmp_path):
     """Peak RSS grows by the same fixed amount (libraries warming up, one tensor) for a model four times larger."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     growth, sizes = {}, {}
     for layers in (12, 48):
-        config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
+        model = random_llama(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        model = model.to_empty(device="cpu")
-        with torch.no_grad():
-            for param in model.parameters():
-                param.normal_(0, 0.02)
         folder = tmp_path / f"model{layers}"
         model.save_pretrained(folder, max_shard_size="50MB")
         build_tokenizer(chat=True).save_pretrained(folder)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import random_llama
 from functionalnetworkssft.errors import MergeError, UsageError
 from functionalnetworkssft.merge import merge_adapter
 
@@ -397,16 +398,8 @@ print(json.dumps({"before": before, "peak": peak}))
 def test_memory_stays_near_one_block_not_model_size(tmp_path):
     """Peak RSS grows by far less than the model's size while merging a base of hundreds of tensors."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=1024, num_hidden_layers=40,
+    model = random_llama(vocab_size=32768, hidden_size=256, intermediate_size=1024, num_hidden_layers=40,
                          num_attention_heads=4, num_key_value_heads=4)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.02)
     model.save_pretrained(tmp_path / "base", max_shard_size="50MB")
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
     tensors = len(list(model.state_dict()))
