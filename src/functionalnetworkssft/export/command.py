@@ -73,8 +73,8 @@ def _usage_problems(model_dir: Path, outfile: Path, outtype: str) -> list[str]:
     if not (model_dir / "config.json").is_file():
         problems.append(f"--model_dir {model_dir}: not a model folder (no config.json); point at merged_model/ or a "
                         "fully fine-tuned model folder.")
-    elif _quantized(model_dir):
-        problems.append(f"--model_dir {model_dir}: holds quantized weights ({_quantized(model_dir)}); export the "
+    elif quantized := _quantized(model_dir):
+        problems.append(f"--model_dir {model_dir}: holds quantized weights ({quantized}); export the "
                         "16/32-bit model (merged_model/ is always saved in the base's own dtype).")
     elif (model_dir / "adapter_config.json").is_file() and not any(model_dir.glob("model*.safetensors")):
         problems.append(f"--model_dir {model_dir}: holds an adapter, not a model; merge it first (fnsft merge) and "
@@ -126,10 +126,7 @@ def _export_locked(model_dir: Path, outfile: Path, outtype: str, verify: bool, n
                    started: float) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from functionalnetworkssft.export.write import _read_config
-
     staging = outfile.with_name(f".{outfile.name}.{os.getpid()}.partial")
-    config = _read_config(model_dir)
     try:
         with tqdm(desc="Writing GGUF", unit="tensor", leave=False, disable=None) as progress:
             written = write_gguf(model_dir, staging, outtype, name, progress)
@@ -146,7 +143,7 @@ def _export_locked(model_dir: Path, outfile: Path, outtype: str, verify: bool, n
     written.tokenizer["chat_template"] = template is not None
     report: dict[str, Any] = {
         "fnsft_version": __version__, "source": str(model_dir), "outfile": outfile.name, "outtype": outtype,
-        "architecture": config.get("model_type"), "tensors": written.tensors, "bytes": written.bytes,
+        "architecture": written.architecture, "tensors": written.tensors, "bytes": written.bytes,
         "tensor_types": written.types, "f16_fallbacks": written.fallbacks, "tokenizer": written.tokenizer,
     }
     if verify:

@@ -136,9 +136,9 @@ def _round_trip(model, source_dir: Path, outtype: str) -> None:
     import numpy as np
 
     from functionalnetworkssft.export import arch as archs
-    from functionalnetworkssft.export.write import _read_config, tensor_type
+    from functionalnetworkssft.export.write import read_config, tensor_type
 
-    config = _read_config(source_dir)
+    config = read_config(source_dir)
     parameters = dict(model.named_parameters())
     plan = archs.tensors(archs.architecture(config), config,
                          [(name, tuple(p.shape)) for name, p in parameters.items()])

@@ -29,6 +29,7 @@ class Written:
     types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
     fallbacks: list[str] = field(default_factory=list)  # tensors kept in F16: rows not a multiple of the block
     tokenizer: dict[str, Any] = field(default_factory=dict)
+    architecture: str | None = None  # the source's model_type
 
 
 OUTPUT, TIED_OUTPUT = "output.weight", "token_embd.weight"
@@ -60,7 +61,7 @@ def write_gguf(model_dir: Path, outfile: Path, outtype: str, name: str, progress
 
     from functionalnetworkssft.merge.io import BaseWeights
 
-    config = _read_config(model_dir)
+    config = read_config(model_dir)
     arch = archs.architecture(config)
     weights = BaseWeights(model_dir)
     try:
@@ -76,7 +77,7 @@ def write_gguf(model_dir: Path, outfile: Path, outtype: str, name: str, progress
         writer.add_file_type(OUTTYPES[outtype][1])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tokenizer = add_tokenizer(writer, model_dir, config.get("vocab_size") or 0)
-        written = Written(outfile, len(plan), 0, tokenizer=tokenizer)
+        written = Written(outfile, len(plan), 0, tokenizer=tokenizer, architecture=config.get("model_type"))
         tied = not any(tensor.gguf_name == OUTPUT for tensor in plan)  # the input embedding is the output too
         types = []
         for tensor in plan:
@@ -117,7 +118,7 @@ def write_gguf(model_dir: Path, outfile: Path, outtype: str, name: str, progress
         weights.close()
 
 
-def _read_config(model_dir: Path) -> dict[str, Any]:
+def read_config(model_dir: Path) -> dict[str, Any]:
     import json
 
     from functionalnetworkssft.errors import FnsftError
