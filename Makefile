@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench-merge: $(STAMP)
-	$(BIN)/python benchmarks/merge_bench.py --json benchmarks/merge_bench.json
+	$(BIN)/python benchmarks/merge_bench.py --json benchmarks/merge_bench.json --contended
 
 clean:
 	rm -rf $(VENV) outputs

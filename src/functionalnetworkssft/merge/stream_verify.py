@@ -1,0 +1,425 @@
+"""Verify a merge one block at a time, so that any model that can be merged can be verified on the same machine.
+
+The model is built once on the meta device with PEFT's adapter layers in it (the adapter's own tensors are real: they
+are small). The probe runs as a batch of two rows, row 0 for base+adapter (PEFT's unmerged layer semantics: the
+reference) and row 1 for the merged model. Each decoder block, and each weight-holding module outside the blocks
+(embeddings, final norm, output head), is a unit whose forward loads its tensors, runs row 0 with the base's tensors
+and the adapter enabled, then row 1 with the merged tensors and the adapter disabled, and puts the tensors back on
+the meta device. So only one unit's tensors are in memory at a time, and the model's own forward (masks, rotary
+embeddings, residuals) connects the units, for any architecture transformers builds.
+
+Each unit's output rows are compared as they pass; the first unit whose difference exceeds the tolerance fails the
+check, and the tensor in it that differs most from PEFT's own merge of that unit is named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from unittest import mock
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from functionalnetworkssft.merge.io import BLOCK_ELEMENTS, BaseWeights
+from functionalnetworkssft.merge.plan import _resolve
+from functionalnetworkssft.merge.verify import RELATIVE_TOLERANCE, _probes, _quiet
+
+# Parts of a PEFT parameter name that hold the adapter's own tensors, and wrappers around a base module.
+ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                 "modules_to_save", "trainable_tokens_delta", "trainable_tokens_original"}
+WRAPPER_PARTS = {"base_layer", "original_module", "token_adapter"}
+PEFT_PREFIX = "base_model.model."
+# Output features of a plain Linear unit (an output head) computed at once: 16M float32 weights, 64 MiB.
+LINEAR_BLOCK_ELEMENTS = 1 << 24
+
+
+def plain_name(peft_name: str) -> str:
+    """The base model's name for a parameter of the PEFT-wrapped model."""
+    name = peft_name[len(PEFT_PREFIX):] if peft_name.startswith(PEFT_PREFIX) else peft_name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+
+
+def _is_adapter(peft_name: str) -> bool:
+    return any(part in ADAPTER_PARTS for part in peft_name.split("."))
+
+
+class _Sources:
+    """Where a unit's tensors come from: the base (with what the adapter file or a QLoRA round trip replaces) for
+    the reference, the merged folder for the merged model. Names missing on disk fall back to their tied source."""
+
+    def __init__(self, base: BaseWeights, merged: BaseWeights, prefix: str, tied: dict[str, str],
+                 overrides: dict[str, torch.Tensor], patch: Callable[[str, torch.Tensor], torch.Tensor] | None):
+        self.base, self.merged, self.prefix, self.tied = base, merged, prefix, tied
+        self.overrides, self.patch = overrides, patch
+        self.spare: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    def _disk(self, weights: BaseWeights, name: str) -> str:
+        disk = _resolve(weights, name, self.prefix)
+        if disk is None and name in self.tied:
+            disk = _resolve(weights, self.tied[name], self.prefix)
+        if disk is None:
+            raise _Missing(f"{name} is not in {weights.folder}")
+        return disk
+
+    def read(self, name: str, *, reference: bool, stored_dtype: bool = False, rows: tuple[int, int] | None = None
+             ) -> torch.Tensor:
+        """A tensor (or rows of it) in float32, converted a row block at a time so that no second full-size copy
+        exists; stored_dtype keeps the file's dtype (for lookups, which are exact in any dtype)."""
+        if reference and name in self.overrides:
+            value = self.overrides[name]
+            return value[rows[0]:rows[1]] if rows else value
+        weights = self.base if reference else self.merged
+        disk = self._disk(weights, name)
+        if reference and self.patch is not None:
+            value = self.patch(name, weights.read(disk))  # the QLoRA round trip runs on the stored dtype
+            value = value if stored_dtype else value.float()
+            return value[rows[0]:rows[1]] if rows else value
+        info = weights.info(disk)
+        start, stop = rows or (0, info.rows)
+        if stored_dtype:
+            return weights.read_rows(disk, start, stop)
+        out = self._take((stop - start, *info.shape[1:]) if info.shape else ())
+        if not info.shape:
+            return out.copy_(weights.read(disk))
+        step = max(1, BLOCK_ELEMENTS // max(1, info.row_elements))
+        for at in range(start, stop, step):
+            out[at - start:min(at + step, stop) - start].copy_(weights.read_rows(disk, at, min(at + step, stop)))
+        return out
+
+    def _take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 buffer, reused from the unit before when it has one of this shape: consecutive blocks have the
+        same shapes, and reusing memory saves allocating and page-faulting a block's worth of fresh memory twice
+        per block (measured: a third of the verification's time)."""
+        spare = self.spare.get(shape)
+        out = spare.pop() if spare else torch.empty(shape, dtype=torch.float32)
+        out._fnsft_spare = True
+        return out
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        if getattr(tensor, "_fnsft_spare", False):
+            self.spare.setdefault(tuple(tensor.shape), []).append(tensor)
+
+    def trim(self) -> None:
+        """Free the buffers the current unit did not take, so that memory stays at one unit."""
+        self.spare.clear()
+
+    def rows_of(self, name: str, *, reference: bool) -> int:
+        if reference and name in self.overrides:
+            return self.overrides[name].shape[0]
+        weights = self.base if reference else self.merged
+        return weights.info(self._disk(weights, name)).rows
+
+
+class _Missing(Exception):
+    pass
+
+
+@dataclass
+class _Slot:
+    owner: torch.nn.Module
+    attr: str
+    name: str  # the base model's name
+    meta: torch.nn.Parameter
+
+
+def _rows(value: Any, row: int, batch: int) -> Any:
+    """Row `row` of every batch-shaped tensor in a module's arguments; other values pass through."""
+    if isinstance(value, torch.Tensor):
+        return value[row:row + 1] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_rows(v, row, batch) for v in value)
+    if isinstance(value, list):
+        return [_rows(v, row, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _rows(v, row, batch) for k, v in value.items()}
+    return value
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "keys"):
+        return next(v for v in output.values() if isinstance(v, torch.Tensor))
+    raise TypeError(f"cannot compare a module output of type {type(output).__name__}")
+
+
+def _join(reference: Any, merged: Any) -> Any:
+    """The two one-row outputs as one two-row output of the same structure."""
+    if isinstance(reference, torch.Tensor):
+        return torch.cat([reference, merged.expand_as(reference) if merged.shape != reference.shape else merged])
+    if isinstance(reference, (tuple, list)):
+        return type(reference)(_join(r, m) if isinstance(r, torch.Tensor) else r for r, m in zip(reference, merged))
+    return reference
+
+
+class _Unit:
+    """One block (or embedding, norm, head): loads its tensors for each row, compares, and unloads."""
+
+    def __init__(self, name: str, module: torch.nn.Module, sources: _Sources, check: "_Check"):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        self.name, self.module, self.sources, self.check = name, module, sources, check
+        self.slots: list[_Slot] = []
+        for sub_name, sub in module.named_modules(remove_duplicate=False):
+            for attr, param in list(sub._parameters.items()):
+                full = f"{name}.{sub_name}.{attr}" if sub_name else f"{name}.{attr}"
+                if param is not None and param.is_meta and not _is_adapter(full):
+                    self.slots.append(_Slot(sub, attr, plain_name(full), param))
+        self.loaded: list[torch.Tensor] = []
+        self.switches = [m for m in module.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        # Lookups select rows, which is exact in the stored dtype: no float32 copy of an embedding table.
+        self.lookup = type(module) is torch.nn.Embedding
+        self.by_rows = (type(module) is torch.nn.Linear and module.weight.numel() > LINEAR_BLOCK_ELEMENTS
+                        and sources.patch is None and f"{name}.weight" not in sources.overrides)
+        self.forward = module.forward
+        module.forward = self._run
+
+    def _load(self, reference: bool) -> None:
+        self._unload()  # first, so that the two sets of tensors are never in memory together
+        for slot in self.slots:
+            value = self.sources.read(slot.name, reference=reference, stored_dtype=self.lookup)
+            self.loaded.append(value)
+            if value.shape != slot.meta.shape:
+                raise _Missing(f"{slot.name} has shape {tuple(value.shape)} where the model expects "
+                               f"{tuple(slot.meta.shape)}")
+            slot.owner._parameters[slot.attr] = torch.nn.Parameter(value.to(self.check.device), requires_grad=False)
+        self.sources.trim()
+        for switch in self.switches:
+            switch.enable_adapters(reference)
+
+    def _unload(self) -> None:
+        for slot in self.slots:
+            slot.owner._parameters[slot.attr] = slot.meta
+        for value in self.loaded:
+            self.sources.give_back(value)
+        self.loaded = []
+
+    def _linear_by_rows(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
+        """A plain Linear (an output head) computed a block of output features at a time: its float32 weight is
+        never whole in memory."""
+        weight = f"{self.name}.weight"
+        rows = self.sources.rows_of(weight, reference=reference)
+        step = max(1, LINEAR_BLOCK_ELEMENTS // max(1, self.module.in_features))
+        pieces = []
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            block = self.sources.read(weight, reference=reference, rows=(start, stop)).to(self.check.device)
+            bias = None
+            if self.module.bias is not None:
+                bias = self.sources.read(f"{self.name}.bias", reference=reference, rows=(start, stop))
+                bias = bias.to(self.check.device)
+            pieces.append(torch.nn.functional.linear(x, block, bias))
+        return torch.cat(pieces, dim=-1)
+
+    def _run(self, *args, **kwargs):
+        if self.by_rows:
+            x = args[0] if args else kwargs["input"]
+            reference, merged = self._linear_by_rows(x[0:1], True), self._linear_by_rows(x[1:2], False)
+        else:
+            try:
+                self._load(True)
+                reference = self.forward(*_rows(args, 0, 2), **_rows(kwargs, 0, 2))
+                self._load(False)
+                merged = self.forward(*_rows(args, 1, 2), **_rows(kwargs, 1, 2))
+            finally:
+                self._unload()
+            if self.lookup:
+                reference, merged = reference.float(), merged.float()
+        self.check.compare(self, _first_tensor(reference), _first_tensor(merged))
+        return _join(reference, merged)
+
+    @torch.no_grad()
+    def worst_tensor(self) -> tuple[str, float] | None:
+        """The tensor of this unit that differs most, relatively, from PEFT's own merge of the unit's adapter."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        try:
+            self._load(True)
+            for layer in self.module.modules():
+                if isinstance(layer, BaseTunerLayer) and not layer.merged:
+                    layer.merge()
+            effective: dict[str, torch.Tensor] = {}
+            for sub_name, sub in self.module.named_modules(remove_duplicate=False):
+                for attr, param in sub._parameters.items():
+                    full = f"{self.name}.{sub_name}.{attr}" if sub_name else f"{self.name}.{attr}"
+                    if param is None or param.is_meta:
+                        continue
+                    parts = full.split(".")
+                    if "modules_to_save" in parts:  # the saved copy replaces the base module
+                        at = parts.index("modules_to_save")
+                        full = ".".join(parts[:at] + parts[at + 2:])
+                    elif _is_adapter(full):
+                        continue
+                    elif plain_name(full) in effective:
+                        continue
+                    effective[plain_name(full)] = param.detach().float().cpu()
+            worst = None
+            for name, value in effective.items():
+                merged = self.sources.read(name, reference=False)
+                if merged.shape != value.shape:
+                    return name, float("inf")
+                diff = float((merged - value).abs().max()) / max(1.0, float(value.abs().max()))
+                if worst is None or diff > worst[1]:
+                    worst = (name, diff)
+            return worst
+        finally:
+            for layer in self.module.modules():
+                if isinstance(layer, BaseTunerLayer) and layer.merged:
+                    layer.merged_adapters = []
+            self._unload()
+
+
+class _Check:
+    def __init__(self, tolerance_ratio: float, device: torch.device, progress):
+        self.ratio, self.device, self.progress = tolerance_ratio, device, progress
+        self.blocks: list[dict[str, Any]] = []
+        self.first_failure: _Unit | None = None
+        self.real: torch.Tensor | None = None
+
+    def compare(self, unit: _Unit, reference: torch.Tensor, merged: torch.Tensor) -> None:
+        reference, merged = reference.float(), merged.float()
+        if merged.shape != reference.shape:
+            merged = merged.expand_as(reference)
+        diff = float((merged - reference).abs().max()) if reference.numel() else 0.0
+        scale = max(1.0, float(reference.abs().max())) if reference.numel() else 1.0
+        tolerance = self.ratio * scale
+        self.blocks.append({"block": unit.name, "max_abs_diff": diff, "tolerance": tolerance})
+        if (not diff <= tolerance) and self.first_failure is None:
+            self.first_failure = unit
+        self.progress.update(1)
+
+
+def _units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Decoder blocks (the classes transformers keeps whole on one device) and weight-holding modules outside them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    inner = model.get_base_model()
+    block_classes = set(getattr(inner, "_no_split_modules", None) or [])
+    units: list[tuple[str, torch.nn.Module]] = []
+
+    def walk(prefix: str, module: torch.nn.Module) -> None:
+        if (type(module).__name__ in block_classes or isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+                or any(p is not None for p in module._parameters.values())):
+            if any(p.is_meta for p in module.parameters()):
+                units.append((prefix, module))
+            return
+        for child_name, child in module.named_children():
+            walk(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    walk("", inner)
+    return units
+
+
+def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, trust_remote_code: bool):
+    """The base+adapter model on the meta device, in float32, with the adapter's tensors loaded; untied, so that
+    the input and output embeddings are loaded separately. Also: the tied names, and the base parameters the adapter
+    file itself supplied (PEFT saves a resized embedding's base weight with the adapter)."""
+    from accelerate import init_empty_weights
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _quiet():
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if vocab_size is not None:
+            text.vocab_size = vocab_size
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                     dtype=torch.float32)
+        tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        # PEFT moves loaded adapter tensors to the base layer's device, which here is meta: keep them where they load.
+        with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None):
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, low_cpu_mem_usage=True)
+    model.eval()
+    overrides: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            full = f"{module_name}.{attr}" if module_name else attr
+            if param.is_meta:
+                continue
+            if _is_adapter(full):
+                module._parameters[attr] = torch.nn.Parameter(param.detach().float(), requires_grad=False)
+            else:
+                overrides[plain_name(full)] = param.detach().float()
+                module._parameters[attr] = torch.nn.Parameter(torch.empty_like(param, device="meta"),
+                                                              requires_grad=False)
+    return model, tied, overrides
+
+
+def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: BaseWeights, output_dtype: str,
+                  vocab_size: int | None, patch: Callable[[str, torch.Tensor], torch.Tensor] | None,
+                  device: torch.device, trust_remote_code: bool, reference=None) -> dict[str, Any]:
+    """reference: what reference_model returned for these inputs, when it was built ahead (beside the merge)."""
+    from tqdm.auto import tqdm
+
+    model, tied, overrides = reference or reference_model(base_dir, adapter_dir, vocab_size, trust_remote_code)
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta:  # meta: PEFT's copies kept only for unmerging
+                module._buffers[key] = buffer.to(device)
+        for key, param in module._parameters.items():
+            if param is not None and not param.is_meta:
+                module._parameters[key] = torch.nn.Parameter(param.to(device), requires_grad=False)
+    inner = model.get_base_model()
+    prefix = getattr(inner, "base_model_prefix", "") or ""
+    merged = BaseWeights(merged_dir)
+    try:
+        sources = _Sources(base, merged, prefix, tied, overrides, patch)
+        vocab = inner.get_input_embeddings().weight.shape[0]
+        probes = _probes(merged_dir, vocab)
+        # One row of all probes in turn: a single forward per model, with no padding to mask.
+        ids = torch.tensor([sum(probes, [])] * 2, device=device)
+        units = _units(model)
+        with tqdm(total=len(units), unit="block", desc="verifying", leave=False, disable=None) as progress:
+            check = _Check(RELATIVE_TOLERANCE[output_dtype], device, progress)
+            wrapped = [_Unit(name, module, sources, check) for name, module in units]
+            try:
+                with torch.no_grad(), _quiet():
+                    logits = model(input_ids=ids, use_cache=False).logits.float().cpu()
+            except _Missing as exc:
+                return {"status": "failed", "mode": "streaming", "reason": str(exc)}
+        reference, merged_logits = logits[0], logits[1]
+        scale = max(1.0, float(reference.abs().max()))
+        tolerance = RELATIVE_TOLERANCE[output_dtype] * scale
+        max_diff = float((merged_logits - reference).abs().max())
+        top_m, top_r = merged_logits.argmax(-1), reference.argmax(-1)
+        gap = reference.gather(-1, top_r[:, None])[:, 0] - reference.gather(-1, top_m[:, None])[:, 0]
+        hard = int(((top_m != top_r) & (gap > tolerance)).sum())
+        passed = max_diff <= tolerance and hard == 0 and check.first_failure is None
+        result: dict[str, Any] = {
+            "status": "passed" if passed else "failed",
+            "mode": "streaming",
+            "compute_dtype": "float32",
+            "output_dtype": output_dtype,
+            "max_abs_logit_diff": max_diff,
+            "tolerance": tolerance,
+            "top1_agreement": float((top_m == top_r).float().mean()),
+            "top1_disagreements_beyond_tolerance": hard,
+            "blocks_verified": len(check.blocks),
+            "max_block_diff_ratio": max((b["max_abs_diff"] / b["tolerance"] for b in check.blocks), default=0.0),
+            "probes": [hashlib.sha256(json.dumps(p).encode()).hexdigest() for p in probes],
+            "probe_tokens": [len(p) for p in probes],
+            "blocks": check.blocks,
+        }
+        failing = check.first_failure
+        if failing is not None:
+            result["first_failing_block"] = failing.name
+            worst = failing.worst_tensor()
+            if worst is not None:
+                result["first_failing_tensor"] = worst[0]
+                result["first_failing_tensor_diff_ratio"] = worst[1]
+        for unit in wrapped:
+            unit.module.forward = unit.forward
+        return result
+    finally:
+        merged.close()
