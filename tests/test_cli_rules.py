@@ -165,3 +165,11 @@ def test_a_tracker_that_is_not_installed_is_a_usage_error(capsys, tmp_path, data
     assert importlib.util.find_spec("wandb") is None  # the test environment does not ship it
     code, lines = run(capsys, *base_args(data, tmp_path / "o"), "--report_to", "wandb")
     assert code == 2 and "pip install wandb" in lines[0]
+
+
+def test_the_optimizers_known_without_importing_transformers_are_transformers_names():
+    from transformers.training_args import OptimizerNames
+
+    from functionalnetworkssft.config import COMMON_OPTIMIZERS
+
+    assert COMMON_OPTIMIZERS <= {o.value for o in OptimizerNames}

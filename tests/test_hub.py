@@ -117,7 +117,7 @@ def test_adapter_upload_creates_a_private_repo_with_the_files_and_a_card(hub_ser
     assert snapshot(final) == before
 
 
-def test_merged_model_upload_loads_back_with_from_pretrained(hub_server, run_dir):
+def test_merged_model_upload_loads_back_with_from_pretrained(hub_server, run_dir, monkeypatch):
     merged = run_dir / "merged_model"
     hub.push_folder(merged, "alice/tiny-merged", token=hub_server.token)
 
@@ -134,20 +134,15 @@ def test_merged_model_upload_loads_back_with_from_pretrained(hub_server, run_dir
     assert "self_attn" not in body and "ab" * 32 not in body and "cd" * 32 not in body  # detail stays in the file
     assert str(run_dir.parent) not in body
 
-    # huggingface_hub reads HF_ENDPOINT at import, so the download runs in a fresh interpreter.
-    script = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "remote = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
-        "local = AutoModelForCausalLM.from_pretrained(sys.argv[2])\n"
-        "ids = torch.tensor([[1, 5, 9, 42, 7, 3]])\n"
-        "with torch.no_grad():\n"
-        "    print('MAXDIFF', (remote(ids).logits - local(ids).logits).abs().max().item())\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script, "alice/tiny-merged", str(merged)], capture_output=True,
-                          text=True, env=hub_server.env(token=hub_server.token), timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert float(done.stdout.split("MAXDIFF")[1]) < 1e-6
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hub_server.activate(monkeypatch)  # this process's huggingface_hub, pointed at the server
+    remote = AutoModelForCausalLM.from_pretrained("alice/tiny-merged", token=hub_server.token)
+    local = AutoModelForCausalLM.from_pretrained(merged)
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.no_grad():
+        assert (remote(ids).logits - local(ids).logits).abs().max().item() < 1e-6
     assert 200 in hub_server.calls("resolve")  # the weights really came from the server
 
 

@@ -22,6 +22,10 @@ import yaml
 
 from functionalnetworkssft.errors import UsageError
 
+# Optimizer names transformers' OptimizerNames holds (a test checks it still does), known without importing it.
+COMMON_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
+                               "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
+
 T = TypeVar("T")
 
 SECRET_FIELDS = ("hub_token",)
@@ -456,10 +460,11 @@ class TrainConfig(Options):
         if self.mask_mode != "none" and self.use_dora:
             found.append("--use_dora rescales every output row, so no row can be held: drop --use_dora or "
                          "--mask_mode.")
-        from transformers.training_args import OptimizerNames
+        if self.optim not in COMMON_OPTIMIZERS:  # others are looked up in transformers, whose import takes seconds
+            from transformers.training_args import OptimizerNames
 
-        optimizers = {o.value for o in OptimizerNames}
-        if self.optim not in optimizers:
+            optimizers = {o.value for o in OptimizerNames}
+        if self.optim not in COMMON_OPTIMIZERS and self.optim not in optimizers:
             close = difflib.get_close_matches(self.optim, sorted(optimizers), n=1)
             found.append(f"--optim {self.optim}: not an optimizer transformers knows"
                          + (f"; did you mean {close[0]}?" if close else "; see transformers' OptimizerNames."))

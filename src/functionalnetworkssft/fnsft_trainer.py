@@ -6,16 +6,19 @@ from functionalnetworkssft.cli import run_guarded
 
 
 def train(argv: list[str], prog: str) -> None:
-    if "-h" in argv or "--help" in argv:
-        # Help needs only the flags: answered without importing the training stack (seconds of torch and PEFT).
-        from functionalnetworkssft.config import TrainConfig, parse
+    from functionalnetworkssft.config import TrainConfig, parse
+    from functionalnetworkssft.errors import UsageError
 
-        parse(TrainConfig, argv, prog)
-        return
+    # Help and flag errors need only the flags: answered before importing the training stack (seconds of torch and
+    # PEFT), with the same lines training would give.
+    config = parse(TrainConfig, argv, prog)
+    problems = config.problems()
+    if problems:
+        raise UsageError(problems)
     # Imported here, after run_guarded has set up logging, since the training stack logs as it is imported.
-    from functionalnetworkssft.training import main
+    from functionalnetworkssft.training import run
 
-    main(argv, prog=prog)
+    run(config)
 
 
 def main(argv: list[str] | None = None) -> int:
