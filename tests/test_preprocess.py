@@ -60,6 +60,17 @@ def test_the_cache_is_hit_when_nothing_changed_and_missed_when_anything_did(tok,
         entries = now
 
 
+def test_a_validation_split_is_never_read_back_as_its_training_split(tok, monkeypatch, tmp_path):
+    """The two halves of a split share one Arrow table; the cache must tell them apart, first run and rerun."""
+    monkeypatch.setenv("FNSFT_CACHE", str(tmp_path))
+    distinct = [{"messages": [{"role": "user", "content": f"question {i}"},
+                              {"role": "assistant", "content": f"answer {i}"}]} for i in range(40)]
+    for _ in range(2):
+        train, validation = data.tokenize(data.from_memory(distinct, validation_split=0.25, seed=3), tok, 128, False)
+        assert (len(train), len(validation)) == (30, 10)
+        assert not {tuple(ids) for ids in train["input_ids"]} & {tuple(ids) for ids in validation["input_ids"]}
+
+
 def test_a_damaged_cache_entry_is_rebuilt(tok, monkeypatch, tmp_path):
     monkeypatch.setenv("FNSFT_CACHE", str(tmp_path))
     raw = data.from_memory(rows(10))

@@ -873,11 +873,17 @@ def _cache_key(dataset, tokenizer, max_length: int, train_on_prompt: bool) -> st
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
                   .encode())
-    sink = pa.BufferOutputStream()
-    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    digest.update(sink.getvalue())
+    # A split (train_test_split, select) shares its parent's Arrow table and differs only by an indices mapping:
+    # without the mapping, a validation split would hash like its training split and read the training set back.
+    indices = getattr(dataset, "_indices", None)
+    for part in (dataset.data, indices):
+        if part is None:
+            continue
+        table = part.table if hasattr(part, "table") else part
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        digest.update(sink.getvalue())
     return digest.hexdigest()
 
 
