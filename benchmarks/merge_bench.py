@@ -209,7 +209,8 @@ def main() -> None:
               f"{run['fnsft_peak_rss_mb']} | {run.get('fnsft_verified_peak_rss_mb', '-')} | "
               f"{run.get('peft_peak_rss_mb', '-')} |")
     if args.contended:
-        print("\nbeside one busy process:\n| size | fnsft --verify off s | fnsft default s | PEFT s |\n|---|---|---|---|")
+        print("\nbeside one busy process:\n| size | fnsft --verify off s | fnsft default s | PEFT s |\n"
+              "|---|---|---|---|")
         for run in runs:
             print(f"| {run['size']} | {run['contended_fnsft_seconds']} | "
                   f"{run.get('contended_fnsft_verified_seconds', '-')} | {run.get('contended_peft_seconds', '-')} |")

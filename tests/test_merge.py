@@ -504,3 +504,13 @@ def test_a_merge_that_does_not_compute_base_plus_adapter_fails_verification(tiny
     assert err[-1].startswith("fnsft merge: error:") and "verification" in err[-1]
     assert not (tmp_path / "merged").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_a_whole_model_check_that_cannot_fit_is_refused_before_merging(tiny_llama, tmp_path, monkeypatch):
+    import psutil
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 1 << 20})())
+    with pytest.raises(UsageError, match="--verify full needs about .* use --verify on"):
+        merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="full")
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.partial-*"))

@@ -24,8 +24,8 @@ USAGE = """usage: fnsft {train,templates,merge,export-gguf,push,generate,chat} [
 
 # Subcommand -> module with its `main`; imported only when used, so that `fnsft --help` and flag errors answer at
 # once and `fnsft merge` does not pay for the training stack.
-COMMANDS = {"train": "fnsft_trainer:train", "templates": "networks.command", "merge": "merge", "export-gguf": "export.command",
-            "push": "hub", "generate": "generate", "chat": "generate:chat"}
+COMMANDS = {"train": "fnsft_trainer:train", "templates": "networks.command", "merge": "merge",
+            "export-gguf": "export.command", "push": "hub", "generate": "generate", "chat": "generate:chat"}
 
 
 # How long a replica of a data-parallel run waits, after an error, for the main process to report it.

@@ -464,10 +464,10 @@ class TrainConfig(Options):
             from transformers.training_args import OptimizerNames
 
             optimizers = {o.value for o in OptimizerNames}
-        if self.optim not in COMMON_OPTIMIZERS and self.optim not in optimizers:
-            close = difflib.get_close_matches(self.optim, sorted(optimizers), n=1)
-            found.append(f"--optim {self.optim}: not an optimizer transformers knows"
-                         + (f"; did you mean {close[0]}?" if close else "; see transformers' OptimizerNames."))
+            if self.optim not in optimizers:
+                close = difflib.get_close_matches(self.optim, sorted(optimizers), n=1)
+                found.append(f"--optim {self.optim}: not an optimizer transformers knows"
+                             + (f"; did you mean {close[0]}?" if close else "; see transformers' OptimizerNames."))
         if self.trainer_overrides:
             from trl import SFTConfig
 

@@ -19,7 +19,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from functionalnetworkssft import __version__, checkpoints, data, distributed, hub, modeling, networks
-from functionalnetworkssft.config import TRAINING_RECORD, TrainConfig, parse
+from functionalnetworkssft.config import TRAINING_RECORD, TrainConfig
 from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error, first_line
 from functionalnetworkssft.outputs import OutputFolder, read_manifest
 from functionalnetworkssft.paths import looks_like_local_path
@@ -31,10 +31,6 @@ class TrainResult:
 
     output_dir: Path
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def main(argv: list[str] | None, prog: str = "fnsft train") -> None:
-    run(parse(TrainConfig, argv, prog))
 
 
 def train(config: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:

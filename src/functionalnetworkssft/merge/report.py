@@ -42,18 +42,18 @@ class MergeReport:
                 f"({self.dtype}, {self.shards} shard{'s' if self.shards != 1 else ''}, {size}{qlora}) "
                 f"in {self.seconds:.1f} s; ")
         v = self.verification
-        if v.get("mode") == "streaming" and "max_abs_logit_diff" in v:
-            line += (f"verification {v['status']} ({v['blocks_verified']} blocks streamed): max |logit diff| "
-                     f"{v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:.1e}), top-1 agreement "
-                     f"{v['top1_agreement']:.1%}")
+        if "max_abs_logit_diff" in v:
+            streamed = v.get("mode") == "streaming"
+            line += (f"verification {v['status']}" + (f" ({v['blocks_verified']} blocks streamed)" if streamed else "")
+                     + f": max |logit diff| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']:.1e}), top-1 "
+                     f"agreement {v['top1_agreement']:.1%}")
+            if not streamed:
+                greedy = "equal" if v["greedy_equal"] else "near-tie only" if v.get("greedy_ok") else "DIFFERENT"
+                line += f", greedy {greedy}"
             if v.get("first_failing_block"):
                 line += f"; first differing block {v['first_failing_block']}"
                 if v.get("first_failing_tensor"):
                     line += f", tensor {v['first_failing_tensor']}"
-        elif v.get("status") in ("passed", "failed") and "max_abs_logit_diff" in v:
-            line += (f"verification {v['status']}: max |logit diff| {v['max_abs_logit_diff']:.2e} "
-                     f"(tolerance {v['tolerance']:.1e}), top-1 agreement {v['top1_agreement']:.1%}, "
-                     f"greedy {'equal' if v['greedy_equal'] else 'near-tie only' if v.get('greedy_ok') else 'DIFFERENT'}")
         else:
             line += f"verification {v.get('status')}" + (f": {v['reason']}" if v.get("reason") else "")
         return line

@@ -69,10 +69,23 @@ def idle_cores() -> int:
     each other and take twice as long as one (10.4 s against 5.0 s)."""
     import psutil
 
-    cores = min(len(os.sched_getaffinity(0)), torch.get_num_threads()) if hasattr(os, "sched_getaffinity") \
-        else torch.get_num_threads()
-    busy = psutil.cpu_percent(interval=0.1) / 100 * (os.cpu_count() or cores)
-    return max(1, min(cores, round((os.cpu_count() or cores) - busy)))
+    cores = torch.get_num_threads()  # torch's default: the cores this process may run on
+    total = os.cpu_count() or cores
+    busy = psutil.cpu_percent(interval=0.1) / 100 * total
+    return max(1, min(cores, round(total - busy)))
+
+
+def _full_check_problem(base: BaseWeights) -> str | None:
+    """--verify full loads base+adapter and the merged model whole in float32: refused up front where that cannot
+    fit, rather than killed for memory after the merge."""
+    import psutil
+
+    need = 2 * 4 * sum(base.info(n).numel for n in base.names()) + (2 << 30)
+    available = psutil.virtual_memory().available
+    if need > 0.8 * available:
+        return (f"--verify full needs about {need / 2**30:.1f} GiB of RAM for two float32 models, "
+                f"{available / 2**30:.1f} GiB is available; use --verify on, which checks one block at a time.")
+    return None
 
 
 def _resolve_base(name: str, trust_remote_code: bool) -> Path:
@@ -236,6 +249,10 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
     torch_device = torch.device(device)
 
     base = BaseWeights(base_dir)
+    problem = _full_check_problem(base) if verify == "full" else None
+    if problem:
+        base.close()
+        raise UsageError(problem)
     hasher = ThreadPoolExecutor(max_workers=1)
     hashes = hasher.submit(_hash_inputs, base, adapter)
     ahead = ThreadPoolExecutor(max_workers=1)
@@ -248,7 +265,8 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
             from functionalnetworkssft.merge.stream_verify import reference_model
 
             # Built beside the merge (importing PEFT and building the model on the meta device is a second or
-            # more of single-core work that would otherwise follow it).
+            # more of single-core work that would otherwise follow it). The write creates no modules and changes
+            # no warning filters, so the build's global switches (meta init, quiet logging) do not reach it.
             reference = ahead.submit(reference_model, base_dir, adapter_dir, plan.vocab_size, trust_remote_code)
         # One thread: the row blocks are small and the input hashing runs beside it on another core (measured on
         # 2 cores, 2 GB: 3.4 s with one thread against 4.7 s with two, and 4.1 s against 8.5 s beside a busy process).
@@ -263,7 +281,7 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
                             "double_quant": quant.double_quant if quant.quantization == "4bit" else None,
                             "blocksize": quant.blocksize if quant.quantization == "4bit" else None}
         report.inputs = hashes.result()
-        with torch_threads(idle_cores()):
+        with torch_threads(idle_cores() if verify != "off" else torch.get_num_threads()):
             report.verification = _maybe_verify(verify, staging, base_dir, adapter_dir, base, plan, quant,
                                                 qlora_merge_base, skeleton, report, torch_device, trust_remote_code,
                                                 reference)

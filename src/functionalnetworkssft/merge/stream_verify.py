@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 
 from functionalnetworkssft.merge.io import BLOCK_ELEMENTS, BaseWeights
 from functionalnetworkssft.merge.plan import _resolve
-from functionalnetworkssft.merge.verify import RELATIVE_TOLERANCE, _probes, _quiet
+from functionalnetworkssft.errors import MergeError, first_line
+from functionalnetworkssft.merge.verify import RELATIVE_TOLERANCE, _probes, _quiet, compare_logits
 
 # Parts of a PEFT parameter name that hold the adapter's own tensors, and wrappers around a base module.
 ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -151,7 +152,7 @@ def _first_tensor(output: Any) -> torch.Tensor:
 def _join(reference: Any, merged: Any) -> Any:
     """The two one-row outputs as one two-row output of the same structure."""
     if isinstance(reference, torch.Tensor):
-        return torch.cat([reference, merged.expand_as(reference) if merged.shape != reference.shape else merged])
+        return torch.cat([reference, merged.expand_as(reference)])
     if isinstance(reference, (tuple, list)):
         return type(reference)(_join(r, m) if isinstance(r, torch.Tensor) else r for r, m in zip(reference, merged))
     return reference
@@ -269,9 +270,6 @@ class _Unit:
                     worst = (name, diff)
             return worst
         finally:
-            for layer in self.module.modules():
-                if isinstance(layer, BaseTunerLayer) and layer.merged:
-                    layer.merged_adapters = []
             self._unload()
 
 
@@ -280,7 +278,6 @@ class _Check:
         self.ratio, self.device, self.progress = tolerance_ratio, device, progress
         self.blocks: list[dict[str, Any]] = []
         self.first_failure: _Unit | None = None
-        self.real: torch.Tensor | None = None
 
     def compare(self, unit: _Unit, reference: torch.Tensor, merged: torch.Tensor) -> None:
         reference, merged = reference.float(), merged.float()
@@ -336,8 +333,12 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
                                                      dtype=torch.float32)
         tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
         # PEFT moves loaded adapter tensors to the base layer's device, which here is meta: keep them where they load.
-        with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None):
-            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, low_cpu_mem_usage=True)
+        try:
+            with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None):
+                model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, low_cpu_mem_usage=True)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise MergeError(f"verification: PEFT cannot load {adapter_dir} onto {base_dir} ({first_line(exc)}); "
+                             "nothing was written. Pass --verify off to merge without the check.") from None
     model.eval()
     overrides: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
@@ -382,29 +383,21 @@ def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: 
         units = _units(model)
         with tqdm(total=len(units), unit="block", desc="verifying", leave=False, disable=None) as progress:
             check = _Check(RELATIVE_TOLERANCE[output_dtype], device, progress)
-            wrapped = [_Unit(name, module, sources, check) for name, module in units]
+            for name, module in units:
+                _Unit(name, module, sources, check)  # wraps the module's forward; the model is discarded after
             try:
                 with torch.no_grad(), _quiet():
                     logits = model(input_ids=ids, use_cache=False).logits.float().cpu()
             except _Missing as exc:
                 return {"status": "failed", "mode": "streaming", "reason": str(exc)}
-        reference, merged_logits = logits[0], logits[1]
-        scale = max(1.0, float(reference.abs().max()))
-        tolerance = RELATIVE_TOLERANCE[output_dtype] * scale
-        max_diff = float((merged_logits - reference).abs().max())
-        top_m, top_r = merged_logits.argmax(-1), reference.argmax(-1)
-        gap = reference.gather(-1, top_r[:, None])[:, 0] - reference.gather(-1, top_m[:, None])[:, 0]
-        hard = int(((top_m != top_r) & (gap > tolerance)).sum())
-        passed = max_diff <= tolerance and hard == 0 and check.first_failure is None
+        compared = compare_logits([logits[1]], [logits[0]], output_dtype)
+        passed = compared.pop("within_tolerance") and check.first_failure is None
         result: dict[str, Any] = {
             "status": "passed" if passed else "failed",
             "mode": "streaming",
             "compute_dtype": "float32",
             "output_dtype": output_dtype,
-            "max_abs_logit_diff": max_diff,
-            "tolerance": tolerance,
-            "top1_agreement": float((top_m == top_r).float().mean()),
-            "top1_disagreements_beyond_tolerance": hard,
+            **compared,
             "blocks_verified": len(check.blocks),
             "max_block_diff_ratio": max((b["max_abs_diff"] / b["tolerance"] for b in check.blocks), default=0.0),
             "probes": [hashlib.sha256(json.dumps(p).encode()).hexdigest() for p in probes],
@@ -418,8 +411,6 @@ def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: 
             if worst is not None:
                 result["first_failing_tensor"] = worst[0]
                 result["first_failing_tensor_diff_ratio"] = worst[1]
-        for unit in wrapped:
-            unit.module.forward = unit.forward
         return result
     finally:
         merged.close()

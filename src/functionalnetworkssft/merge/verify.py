@@ -121,17 +121,8 @@ def verify_merge(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, output_
     reference = _load_reference(base_dir, adapter_dir, vocab_size, patches, device, trust_remote_code)
     reference_logits, reference_greedy = zip(*(_run(reference, p, device) for p in probes))
 
-    scale = max(1.0, max(float(r.abs().max()) for r in reference_logits))
-    tolerance = RELATIVE_TOLERANCE[output_dtype] * scale
-    max_diff = max(float((m - r).abs().max()) for m, r in zip(merged_logits, reference_logits))
-    agree = total = hard_disagreements = 0
-    for m, r in zip(merged_logits, reference_logits):
-        top_m, top_r = m.argmax(-1), r.argmax(-1)
-        total += len(top_r)
-        agree += int((top_m == top_r).sum())
-        # A different top-1 is acceptable only where the reference itself is within tolerance of a tie.
-        gap = r.gather(-1, top_r[:, None]) - r.gather(-1, top_m[:, None])
-        hard_disagreements += int(((top_m != top_r) & (gap[:, 0] > tolerance)).sum())
+    compared = compare_logits(merged_logits, reference_logits, output_dtype)
+    tolerance = compared["tolerance"]
     greedy_equal = list(merged_greedy) == list(reference_greedy)
     greedy_ok = greedy_equal
     if not greedy_equal:
@@ -139,21 +130,35 @@ def verify_merge(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, output_
                         for p, mg, rg in zip(probes, merged_greedy, reference_greedy))
     del reference
     gc.collect()
-    passed = max_diff <= tolerance and hard_disagreements == 0 and greedy_ok
+    passed = compared.pop("within_tolerance") and greedy_ok
     return {
         "status": "passed" if passed else "failed",
         "compute_dtype": "float32",
         "output_dtype": output_dtype,
-        "max_abs_logit_diff": max_diff,
-        "tolerance": tolerance,
-        "top1_agreement": agree / total,
-        "top1_disagreements_beyond_tolerance": hard_disagreements,
+        **compared,
         "greedy_equal": greedy_equal,
         "greedy_ok": greedy_ok,
         "greedy_new_tokens": GREEDY_TOKENS,
         "probes": [hashlib.sha256(json.dumps(p).encode()).hexdigest() for p in probes],
         "probe_tokens": [len(p) for p in probes],
     }
+
+
+def compare_logits(merged: list[torch.Tensor], reference: list[torch.Tensor], output_dtype: str) -> dict[str, Any]:
+    """Max |logit difference| against a tolerance relative to the largest reference logit, and top-1 agreement,
+    where a different top-1 is acceptable only where the reference itself is within tolerance of a tie."""
+    scale = max(1.0, max(float(r.abs().max()) for r in reference))
+    tolerance = RELATIVE_TOLERANCE[output_dtype] * scale
+    max_diff = max(float((m - r).abs().max()) for m, r in zip(merged, reference))
+    agree = total = hard = 0
+    for m, r in zip(merged, reference):
+        top_m, top_r = m.argmax(-1), r.argmax(-1)
+        total += len(top_r)
+        agree += int((top_m == top_r).sum())
+        gap = r.gather(-1, top_r[:, None]) - r.gather(-1, top_m[:, None])
+        hard += int(((top_m != top_r) & (gap[:, 0] > tolerance)).sum())
+    return {"max_abs_logit_diff": max_diff, "tolerance": tolerance, "top1_agreement": agree / total,
+            "top1_disagreements_beyond_tolerance": hard, "within_tolerance": max_diff <= tolerance and hard == 0}
 
 
 def _near_tie(reference, prompt, merged_seq, reference_seq, tolerance, device) -> bool:
