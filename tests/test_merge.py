@@ -119,6 +119,47 @@ def test_each_lora_variant_matches_peft_merge_and_unload(variant, request, tmp_p
     torch.testing.assert_close(logits(load_merged(tmp_path / "merged")), expected_logits, atol=1e-4, rtol=0)
 
 
+# Variants whose architecture the files settle (untied Llama, LoRA on matrices). The others need the model's code:
+# Conv1D, tokens and saved tensors (PEFT saves a LoRA-targeted embedding's base weight with the adapter).
+FROM_FILES = {"lora", "rslora", "dora", "rank_alpha_pattern", "layers_to_transform"}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_files_answer_what_transformers_answers_or_nothing(variant, request, tmp_path):
+    from functionalnetworkssft.merge.adapter import read_adapter, read_adapter_config
+    from functionalnetworkssft.merge.architecture import from_files, from_transformers
+    from functionalnetworkssft.merge.io import BaseWeights
+
+    fixture, lora = VARIANTS[variant]
+    base_dir = request.getfixturevalue(fixture)
+    adapter_dir = make_adapter(base_dir, tmp_path / "adapter", **lora)
+    adapter_config = read_adapter_config(adapter_dir)
+    adapter = read_adapter(adapter_dir, adapter_config)
+    base = BaseWeights(base_dir)
+    shapes = {n: base.info(n).shape for n in base.names()}
+    base.close()
+    raw = json.loads((base_dir / "config.json").read_text())
+    known = from_files(raw, shapes, adapter.pieces, adapter_config) if not adapter.replacements else None
+    model = from_transformers(base_dir, trust_remote_code=False)
+    assert (known is not None) == (variant in FROM_FILES)
+    if known is not None:
+        assert set(known.layers) == set(adapter.pieces)
+        assert {n: model.layers[n] for n in adapter.pieces} == known.layers
+        assert (known.vocab_size, known.tie_word_embeddings) == (model.vocab_size, model.tie_word_embeddings)
+
+
+def test_a_verify_off_merge_of_a_plain_model_never_imports_model_code(tiny_llama, tmp_path):
+    """The architecture comes from the files, so the merge is not held up by importing transformers' models."""
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules="all-linear")
+    code = ("import sys; from functionalnetworkssft.merge import merge_adapter; "
+            "merge_adapter(sys.argv[1], sys.argv[2], base_model=sys.argv[3], verify='off'); "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers.models.', 'peft'))))")
+    out = subprocess.run([sys.executable, "-c", code, str(adapter), str(tmp_path / "merged"), str(tiny_llama)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
 def test_resized_vocabulary_updates_embeddings_and_vocab_size(tiny_llama, tmp_path):
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", resize=336, r=4, lora_alpha=8,
                            target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])

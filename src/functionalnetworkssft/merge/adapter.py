@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from functionalnetworkssft.errors import MergeError, UsageError
+from functionalnetworkssft.merge.architecture import Layer
 from functionalnetworkssft.weights import DamagedFile, adapter_weights_file, load_tensors
 from functionalnetworkssft.weights import read_adapter_config as read_valid_adapter_config
 
@@ -67,7 +68,8 @@ class LoraTarget:
 class Adapter:
     folder: Path
     config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    # module name -> {"lora_A.weight": tensor, ...} as read, until resolve_targets interprets them
+    pieces: dict[str, dict[str, torch.Tensor]]
     targets: dict[str, LoraTarget] = field(default_factory=dict)  # module name -> target
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> full tensor
     trainable_tokens: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)  # module -> rows
@@ -153,13 +155,11 @@ def _full_tensor_name(key: str) -> str | None:
     return ".".join(out)
 
 
-def load_adapter(folder: Path, config: dict[str, Any], modules: dict[str, Any]) -> Adapter:
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
+def read_adapter(folder: Path, config: dict[str, Any]) -> Adapter:
+    """The adapter's tensors sorted into whole-tensor replacements and per-module LoRA pieces; what the pieces mean
+    depends on the base's layers (resolve_targets)."""
     tensors, path = _load_adapter_tensors(folder)
-    adapter = Adapter(folder, config, tensors, files=[folder / "adapter_config.json", path])
-    pieces: dict[str, dict[str, torch.Tensor]] = {}
+    adapter = Adapter(folder, config, {}, files=[folder / "adapter_config.json", path])
     for key, tensor in tensors.items():
         name = key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else key
         split = _split_key(name)
@@ -172,12 +172,19 @@ def load_adapter(folder: Path, config: dict[str, Any], modules: dict[str, Any]) 
                 adapter.base_copies.add(target)
         else:
             module, part, param = split
-            pieces.setdefault(module, {})[f"{part}.{param}"] = tensor
-    for module, parts in pieces.items():
-        if module not in modules:
+            adapter.pieces.setdefault(module, {})[f"{part}.{param}"] = tensor
+    return adapter
+
+
+def resolve_targets(adapter: Adapter, layers: dict[str, Layer]) -> None:
+    """Turn each module's pieces into a LoraTarget (or trainable token rows) with the layout of its base layer."""
+    folder, config = adapter.folder, adapter.config
+    for module, parts in adapter.pieces.items():
+        if module not in layers:
             raise MergeError(f"{folder}: the adapter changes module {module}, which the base model does not have; "
                              "is --base_model_name_or_path the model this adapter was trained on?")
-        layer = modules[module]
+        layer = layers[module]
+        parts = dict(parts)
         if "trainable_tokens_delta.weight" in parts:
             adapter.trainable_tokens[module] = (_token_indices(config, module), parts.pop("trainable_tokens_delta.weight"))
             if not parts:
@@ -185,16 +192,15 @@ def load_adapter(folder: Path, config: dict[str, Any], modules: dict[str, Any]) 
         r = int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        if isinstance(layer, nn.Embedding):
+        if layer.kind == "embedding":
             kind, a_key, b_key = "embedding", "lora_embedding_A.weight", "lora_embedding_B.weight"
-            expected_a, expected_b = (r, layer.num_embeddings), (layer.embedding_dim, r)
-        elif isinstance(layer, (nn.Linear, Conv1D)):
-            kind, a_key, b_key = ("conv1d" if isinstance(layer, Conv1D) else "linear"), "lora_A.weight", "lora_B.weight"
-            weight = layer.weight
-            out_f, in_f = (weight.shape[1], weight.shape[0]) if kind == "conv1d" else tuple(weight.shape)
+            expected_a, expected_b = (r, layer.shape[0]), (layer.shape[1], r)
+        elif layer.kind in ("linear", "conv1d"):
+            kind, a_key, b_key = layer.kind, "lora_A.weight", "lora_B.weight"
+            out_f, in_f = (layer.shape[1], layer.shape[0]) if kind == "conv1d" else layer.shape
             expected_a, expected_b = (r, in_f), (out_f, r)
         else:
-            raise UsageError(f"{folder}: LoRA on {module} ({type(layer).__name__}) is not supported by fnsft merge "
+            raise UsageError(f"{folder}: LoRA on {module} ({layer.kind}) is not supported by fnsft merge "
                              "(it merges Linear, Conv1D and Embedding layers); merge with PEFT's merge_and_unload().")
         if a_key not in parts or b_key not in parts:
             raise MergeError(f"{folder}: module {module} has {sorted(parts)} but lacks {a_key} or {b_key}; "
@@ -212,15 +218,14 @@ def load_adapter(folder: Path, config: dict[str, Any], modules: dict[str, Any]) 
             target.magnitude = parts.pop("lora_magnitude_vector.weight").float()
         if "lora_B.bias" in parts:
             target.bias = parts.pop("lora_B.bias").float() * scaling
-            if getattr(layer, "bias", None) is None:
+            if not layer.has_bias:
                 raise MergeError(f"{folder}: {module} has lora_bias but the base layer has no bias; PEFT cannot "
                                  "merge it either.")
         if parts:
             raise UsageError(f"{folder}: module {module} has adapter tensors {sorted(parts)} that fnsft merge does "
                              "not implement; merge with PEFT's merge_and_unload().")
         adapter.targets[module] = target
-    adapter.tensors = {}  # the targets hold what is needed; the raw file contents are not kept twice
-    return adapter
+    adapter.pieces = {}  # the targets hold what is needed; the raw file contents are not kept twice
 
 
 def _token_indices(config: dict[str, Any], module: str) -> list[int]:

@@ -4,12 +4,13 @@ QLoRA round trip), computed block of rows by block of rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from functionalnetworkssft.errors import MergeError
 from functionalnetworkssft.merge.adapter import Adapter, LoraTarget
+from functionalnetworkssft.merge.architecture import Architecture
 from functionalnetworkssft.merge.io import BaseWeights, TensorInfo, row_blocks
 from functionalnetworkssft.merge.qlora import QuantSpec
 
@@ -130,15 +131,10 @@ def _resolve(base: BaseWeights, param: str, prefix: str) -> str | None:
     return None
 
 
-def build_plan(base: BaseWeights, adapter: Adapter, skeleton: Any, model_config: Any, quant: QuantSpec | None,
+def build_plan(base: BaseWeights, adapter: Adapter, arch: Architecture, quant: QuantSpec | None,
                device: torch.device) -> Plan:
-    prefix = getattr(skeleton, "base_model_prefix", "") or ""
-    names = {id(m): n for n, m in skeleton.named_modules()}
-    in_emb = names.get(id(skeleton.get_input_embeddings()))
-    out_layer = skeleton.get_output_embeddings()
-    out_emb = names.get(id(out_layer)) if out_layer is not None else None
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    tied = bool(getattr(text_config, "tie_word_embeddings", False)) and in_emb is not None and out_emb is not None
+    prefix, in_emb, out_emb = arch.prefix, arch.input_embedding, arch.output_embedding
+    tied = bool(arch.tie_word_embeddings) and in_emb is not None and out_emb is not None
     notes: list[str] = []
 
     recipes: dict[str, TensorRecipe] = {}  # keyed by disk name; insertion order = base order
@@ -196,7 +192,7 @@ def build_plan(base: BaseWeights, adapter: Adapter, skeleton: Any, model_config:
                              f"factors for {recipe.lora.module}; the adapter belongs to another base model.")
 
     ordered = list(recipes.values())
-    tie_out: bool | None = getattr(text_config, "tie_word_embeddings", None)
+    tie_out = arch.tie_word_embeddings
     if tied:
         in_recipe = target_recipe(in_weight)
         out_recipe = target_recipe(out_weight)
@@ -210,7 +206,7 @@ def build_plan(base: BaseWeights, adapter: Adapter, skeleton: Any, model_config:
             notes.append("input and output embeddings untied: the adapter changes only one of them")
             if lm_head_recipe is not None:
                 ordered.append(lm_head_recipe)
-    vocab = _vocab_after(recipes, lm_head_recipe, in_weight, prefix, base, text_config)
+    vocab = _vocab_after(recipes, in_weight, prefix, base, arch.vocab_size)
     return Plan(ordered, vocab, tie_out, notes)
 
 
@@ -236,8 +232,7 @@ def _same_value(a: TensorRecipe, b: TensorRecipe, base: BaseWeights, device: tor
     return True
 
 
-def _vocab_after(recipes, lm_head_recipe, in_weight, prefix, base, text_config) -> int | None:
-    vocab = getattr(text_config, "vocab_size", None)
+def _vocab_after(recipes, in_weight, prefix, base, vocab: int | None) -> int | None:
     disk = _resolve(base, in_weight, prefix) if in_weight else None
     if disk is not None and recipes[disk].replacement is not None:
         return int(recipes[disk].info.shape[0])

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from functionalnetworkssft.config import TRAINING_RECORD
 from functionalnetworkssft.errors import MergeError
 from functionalnetworkssft.merge.adapter import ADAPTER_PREFIX
+from functionalnetworkssft.merge.architecture import Layer
 
 
 @dataclass
@@ -37,7 +37,7 @@ class QuantSpec:
         return bnbf.int8_vectorwise_dequant(codes, scales).to(weight.dtype)
 
 
-def read_training_record(folder: Path, modules: dict[str, Any], output_embedding: str | None) -> QuantSpec | None:
+def read_training_record(folder: Path, layers: dict[str, Layer], output_embedding: str | None) -> QuantSpec | None:
     path = folder / TRAINING_RECORD
     if not path.is_file():
         return None
@@ -59,10 +59,8 @@ def read_training_record(folder: Path, modules: dict[str, Any], output_embedding
         listed = [".".join(p for p in m.removeprefix(ADAPTER_PREFIX).split(".") if p != "base_layer") for m in listed]
     if inferred:
         # transformers quantizes every Linear except the output head when no list was recorded.
-        from torch import nn
-
-        listed = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n != output_embedding]
-    unknown = [m for m in listed if m not in modules]
+        listed = [n for n, layer in layers.items() if layer.kind == "linear" and n != output_embedding]
+    unknown = [m for m in listed if m not in layers]
     if unknown:
         raise MergeError(f"{path}: quantized module {unknown[0]} does not exist in the base model.")
     double_quant = record.get("bnb_4bit_use_double_quant")

@@ -7,8 +7,8 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,8 +17,9 @@ from typing import Any, Literal
 import torch
 
 from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD, Options, arg, field_problems, parse
-from functionalnetworkssft.errors import FnsftError, MergeError, UsageError, describe_write_error, first_line
-from functionalnetworkssft.merge.adapter import Adapter, load_adapter, read_adapter_config
+from functionalnetworkssft.errors import FnsftError, MergeError, UsageError, describe_write_error
+from functionalnetworkssft.merge.adapter import Adapter, read_adapter, read_adapter_config, resolve_targets
+from functionalnetworkssft.merge.architecture import architecture, declares_quantization
 from functionalnetworkssft.merge.io import BaseWeights, parse_size, sha256_file
 from functionalnetworkssft.merge.plan import _resolve, build_plan
 from functionalnetworkssft.merge.qlora import read_training_record
@@ -28,6 +29,8 @@ from functionalnetworkssft.outputs import FolderLock
 from functionalnetworkssft.paths import missing_local, within
 from functionalnetworkssft.weights import model_folder_problem
 
+# Seconds a thread may hold the GIL while another waits, during the write beside the reference model's build.
+SWITCH_INTERVAL = 1e-4
 
 @dataclass
 class MergeConfig(Options):
@@ -61,6 +64,19 @@ def torch_threads(count: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _prompt_gil_handover(active: bool):
+    """While another thread builds the reference model (imports: pure Python, holding the GIL), the write gives the
+    GIL up at every torch call and waits up to the switch interval (5 ms) to get it back, several times a row block."""
+    before = sys.getswitchinterval()
+    if active:
+        sys.setswitchinterval(SWITCH_INTERVAL)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def idle_cores() -> int:
@@ -111,20 +127,6 @@ def _resolve_base(name: str, trust_remote_code: bool) -> Path:
     except Exception as exc:  # network, auth, missing repo: all become one actionable line
         raise MergeError(f"--base_model_name_or_path {name}: not a local folder and could not be downloaded from "
                          f"the Hugging Face Hub ({type(exc).__name__}); pass a local model folder.") from None
-
-
-def _skeleton(base_dir: Path, trust_remote_code: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise MergeError(f"{base_dir}: cannot read the model's architecture ({first_line(exc)}); "
-                         "add --trust_remote_code for models with custom code.") from None
-    return config, model
 
 
 def _usage_problems(dtype, verify, device, qlora_merge_base, max_shard_size) -> list[str]:
@@ -237,29 +239,31 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
             if isinstance(raw_config["quantization_config"], dict) else "unknown"
         raise MergeError(f"{base_dir} is a pre-quantized checkpoint ({method}); merging into quantized weights "
                          "loses the adapter. Pass the original 16/32-bit model as --base_model_name_or_path.")
-    model_config, skeleton = _skeleton(base_dir, trust_remote_code)
-    modules = dict(skeleton.named_modules())
-    out_layer = skeleton.get_output_embeddings()
-    out_name = next((n for n, m in modules.items() if m is out_layer), None) if out_layer is not None else None
-    quant = read_training_record(adapter_dir, modules, out_name)
-    if qlora_merge_base == "dequantized" and quant is None:
-        raise UsageError(f"--qlora_merge_base dequantized: {adapter_dir} has no {TRAINING_RECORD} recording a "
-                         "4bit/8bit training base; drop the flag to merge into the original weights.")
-    adapter = load_adapter(adapter_dir, adapter_config, modules)
-    torch_device = torch.device(device)
-
+    adapter = read_adapter(adapter_dir, adapter_config)
     base = BaseWeights(base_dir)
-    problem = _full_check_problem(base) if verify == "full" else None
-    if problem:
+    try:
+        arch = architecture(base_dir, raw_config, {n: base.info(n).shape for n in base.names()}, adapter.pieces,
+                            adapter_config, replaces_tensors=bool(adapter.replacements),
+                            quantized_training=declares_quantization(adapter_dir / TRAINING_RECORD),
+                            trust_remote_code=trust_remote_code)
+        quant = read_training_record(adapter_dir, arch.layers, arch.output_embedding)
+        if qlora_merge_base == "dequantized" and quant is None:
+            raise UsageError(f"--qlora_merge_base dequantized: {adapter_dir} has no {TRAINING_RECORD} recording a "
+                             "4bit/8bit training base; drop the flag to merge into the original weights.")
+        resolve_targets(adapter, arch.layers)
+        problem = _full_check_problem(base) if verify == "full" else None
+        if problem:
+            raise UsageError(problem)
+    except BaseException:
         base.close()
-        raise UsageError(problem)
+        raise
+    torch_device = torch.device(device)
     hasher = ThreadPoolExecutor(max_workers=1)
     hashes = hasher.submit(_hash_inputs, base, adapter)
     ahead = ThreadPoolExecutor(max_workers=1)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     try:
-        plan = build_plan(base, adapter, skeleton, model_config,
-                          quant if qlora_merge_base == "dequantized" else None, torch_device)
+        plan = build_plan(base, adapter, arch, quant if qlora_merge_base == "dequantized" else None, torch_device)
         reference = None
         if verify in ("auto", "on"):
             from functionalnetworkssft.merge.stream_verify import reference_model
@@ -270,7 +274,7 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
             reference = ahead.submit(reference_model, base_dir, adapter_dir, plan.vocab_size, trust_remote_code)
         # One thread: the row blocks are small and the input hashing runs beside it on another core (measured on
         # 2 cores, 2 GB: 3.4 s with one thread against 4.7 s with two, and 4.1 s against 8.5 s beside a busy process).
-        with torch_threads(1):
+        with torch_threads(1), _prompt_gil_handover(reference is not None):
             report = write_merged(plan, base, adapter, staging, base_dir, dtype, parse_size(max_shard_size),
                                   torch_device)
         report.base_model, report.adapter_path, report.output_dir = str(base_name), str(adapter_dir), str(output)
@@ -281,9 +285,12 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
                             "double_quant": quant.double_quant if quant.quantization == "4bit" else None,
                             "blocksize": quant.blocksize if quant.quantization == "4bit" else None}
         report.inputs = hashes.result()
+        # The adapter's float32 factors and the plan are done with: the check reads the adapter through PEFT.
+        vocab_size = plan.vocab_size
+        del plan, adapter
         with torch_threads(idle_cores() if verify != "off" else torch.get_num_threads()):
-            report.verification = _maybe_verify(verify, staging, base_dir, adapter_dir, base, plan, quant,
-                                                qlora_merge_base, skeleton, report, torch_device, trust_remote_code,
+            report.verification = _maybe_verify(verify, staging, base_dir, adapter_dir, base, vocab_size, quant,
+                                                qlora_merge_base, arch.prefix, report, torch_device, trust_remote_code,
                                                 reference)
         report.seconds = round(time.perf_counter() - started, 3)
         (staging / MERGE_REPORT).write_text(json.dumps(asdict(report), indent=2) + "\n")
@@ -304,7 +311,7 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _maybe_verify(verify, staging, base_dir, adapter_dir, base, plan, quant, qlora_merge_base, skeleton, report,
+def _maybe_verify(verify, staging, base_dir, adapter_dir, base, vocab_size, quant, qlora_merge_base, prefix, report,
                   device, trust_remote_code, reference=None) -> dict[str, Any]:
     if verify == "off":
         return {"status": "off"}
@@ -317,15 +324,14 @@ def _maybe_verify(verify, staging, base_dir, adapter_dir, base, plan, quant, qlo
             return quant.roundtrip(value) if name.endswith(".weight") and name[:-7] in dequantized else value
 
         return stream_verify(staging, base_dir, adapter_dir, base=base, output_dtype=lowest,
-                             vocab_size=plan.vocab_size, patch=patch if dequantized else None, device=device,
+                             vocab_size=vocab_size, patch=patch if dequantized else None, device=device,
                              trust_remote_code=trust_remote_code,
                              reference=reference.result() if reference is not None else None)
     from functionalnetworkssft.merge.verify import verify_merge
 
-    prefix = getattr(skeleton, "base_model_prefix", "") or ""
     patches = {f"{module}.weight": quant.roundtrip(base.read(_resolve(base, f"{module}.weight", prefix)))
                for module in dequantized}
-    return verify_merge(staging, base_dir, adapter_dir, output_dtype=lowest, vocab_size=plan.vocab_size,
+    return verify_merge(staging, base_dir, adapter_dir, output_dtype=lowest, vocab_size=vocab_size,
                         patches=patches, device=device, trust_remote_code=trust_remote_code)
 
 

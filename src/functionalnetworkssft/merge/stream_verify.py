@@ -71,7 +71,8 @@ class _Sources:
         exists; stored_dtype keeps the file's dtype (for lookups, which are exact in any dtype)."""
         if reference and name in self.overrides:
             value = self.overrides[name]
-            return value[rows[0]:rows[1]] if rows else value
+            value = value[rows[0]:rows[1]] if rows else value
+            return value if stored_dtype else value.float()
         weights = self.base if reference else self.merged
         disk = self._disk(weights, name)
         if reference and self.patch is not None:
@@ -167,15 +168,20 @@ class _Unit:
 
         self.name, self.module, self.sources, self.check = name, module, sources, check
         self.slots: list[_Slot] = []
+        self.adapter_slots: list[_Slot] = []
         for sub_name, sub in module.named_modules(remove_duplicate=False):
             for attr, param in list(sub._parameters.items()):
                 full = f"{name}.{sub_name}.{attr}" if sub_name else f"{name}.{attr}"
-                if param is not None and param.is_meta and not _is_adapter(full):
+                if param is None or not param.is_meta:
+                    continue
+                if not _is_adapter(full):
                     self.slots.append(_Slot(sub, attr, plain_name(full), param))
+                elif f"{PEFT_PREFIX}{full}" in sources.overrides:
+                    self.adapter_slots.append(_Slot(sub, attr, f"{PEFT_PREFIX}{full}", param))
         self.loaded: list[torch.Tensor] = []
         self.switches = [m for m in module.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
-        # Lookups select rows, which is exact in the stored dtype: no float32 copy of an embedding table.
-        self.lookup = type(module) is torch.nn.Embedding
+        # Lookups select rows, which is exact in the stored dtype: only the probe's rows are read, as stored.
+        self.lookup = type(module) is torch.nn.Embedding and module.max_norm is None
         self.by_rows = (type(module) is torch.nn.Linear and module.weight.numel() > LINEAR_BLOCK_ELEMENTS
                         and sources.patch is None and f"{name}.weight" not in sources.overrides)
         self.forward = module.forward
@@ -191,11 +197,14 @@ class _Unit:
                                f"{tuple(slot.meta.shape)}")
             slot.owner._parameters[slot.attr] = torch.nn.Parameter(value.to(self.check.device), requires_grad=False)
         self.sources.trim()
+        for slot in self.adapter_slots:
+            value = self.sources.overrides[slot.name].to(self.check.device, torch.float32)
+            slot.owner._parameters[slot.attr] = torch.nn.Parameter(value, requires_grad=False)
         for switch in self.switches:
             switch.enable_adapters(reference)
 
     def _unload(self) -> None:
-        for slot in self.slots:
+        for slot in self.slots + self.adapter_slots:
             slot.owner._parameters[slot.attr] = slot.meta
         for value in self.loaded:
             self.sources.give_back(value)
@@ -218,10 +227,23 @@ class _Unit:
             pieces.append(torch.nn.functional.linear(x, block, bias))
         return torch.cat(pieces, dim=-1)
 
+    def _lookup(self, ids: torch.Tensor, reference: bool) -> torch.Tensor:
+        weight = f"{self.name}.weight"
+        rows = self.sources.rows_of(weight, reference=reference)
+        if rows != self.module.num_embeddings:
+            raise _Missing(f"{weight} has {rows} rows where the model expects {self.module.num_embeddings}")
+        wanted = torch.unique(ids.cpu())
+        table = torch.cat([self.sources.read(weight, reference=reference, stored_dtype=True, rows=(i, i + 1))
+                           for i in wanted.tolist()])
+        return table.to(self.check.device)[torch.searchsorted(wanted.to(self.check.device), ids)].float()
+
     def _run(self, *args, **kwargs):
         if self.by_rows:
             x = args[0] if args else kwargs["input"]
             reference, merged = self._linear_by_rows(x[0:1], True), self._linear_by_rows(x[1:2], False)
+        elif self.lookup:
+            ids = args[0] if args else kwargs["input"]
+            reference, merged = self._lookup(_rows(ids, 0, 2), True), self._lookup(_rows(ids, 1, 2), False)
         else:
             try:
                 self._load(True)
@@ -230,8 +252,6 @@ class _Unit:
                 merged = self.forward(*_rows(args, 1, 2), **_rows(kwargs, 1, 2))
             finally:
                 self._unload()
-            if self.lookup:
-                reference, merged = reference.float(), merged.float()
         self.check.compare(self, _first_tensor(reference), _first_tensor(merged))
         return _join(reference, merged)
 
@@ -334,26 +354,25 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
         tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
         # PEFT moves loaded adapter tensors to the base layer's device, which here is meta: keep them where they load.
         try:
+            # Adapter tensors stay in their stored dtype until their unit runs (autocast would hold all of them in
+            # float32 for the whole check).
             with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None):
-                model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, low_cpu_mem_usage=True)
+                model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, low_cpu_mem_usage=True,
+                                                  autocast_adapter_dtype=False)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise MergeError(f"verification: PEFT cannot load {adapter_dir} onto {base_dir} ({first_line(exc)}); "
                              "nothing was written. Pass --verify off to merge without the check.") from None
     model.eval()
+    # Every real parameter moves into `overrides` and leaves a meta placeholder behind: the adapter's own tensors
+    # (by their PEFT name, loaded with their unit) and the base tensors the adapter file supplied (by base name).
     overrides: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for attr, param in list(module._parameters.items()):
-            if param is None:
+            if param is None or param.is_meta:
                 continue
             full = f"{module_name}.{attr}" if module_name else attr
-            if param.is_meta:
-                continue
-            if _is_adapter(full):
-                module._parameters[attr] = torch.nn.Parameter(param.detach().float(), requires_grad=False)
-            else:
-                overrides[plain_name(full)] = param.detach().float()
-                module._parameters[attr] = torch.nn.Parameter(torch.empty_like(param, device="meta"),
-                                                              requires_grad=False)
+            overrides[full if _is_adapter(full) else plain_name(full)] = param.detach()
+            module._parameters[attr] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
     return model, tied, overrides
 
 
