@@ -444,12 +444,14 @@ def test_streaming_and_full_verification_agree_on_every_variant(variant, request
     assert all(b["max_abs_diff"] <= b["tolerance"] for b in streamed["blocks"])
 
 
-@pytest.mark.parametrize("block,tensor,head_rows_at_once", [
-    ("model.layers.1", "model.layers.1.mlp.down_proj.weight", None),
-    ("lm_head", "lm_head.weight", 2),  # the output head computed two rows of features at a time
+@pytest.mark.parametrize("block,tensor,head_rows_at_once,dora", [
+    ("model.layers.1", "model.layers.1.mlp.down_proj.weight", None, False),
+    ("lm_head", "lm_head.weight", 2, False),  # the output head computed two rows of features at a time
+    # DoRA reads its base layer's weight outside that layer's forward: the block is loaded whole, not leaf by leaf
+    ("model.layers.0", "model.layers.0.self_attn.q_proj.weight", None, True),
 ])
 def test_one_corrupted_element_fails_streaming_verification_naming_its_block_and_tensor(
-        block, tensor, head_rows_at_once, tiny_llama, tmp_path, monkeypatch):
+        block, tensor, head_rows_at_once, dora, tiny_llama, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     from functionalnetworkssft.merge import run, stream_verify
@@ -467,11 +469,17 @@ def test_one_corrupted_element_fails_streaming_verification_naming_its_block_and
         return report
 
     monkeypatch.setattr(run, "write_merged", corrupt_one_element)
-    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    units = []
+    monkeypatch.setattr(stream_verify._Unit, "_run", lambda self, *a, _run=stream_verify._Unit._run, **k: (
+        units.append(self), _run(self, *a, **k))[1])
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           use_dora=dora)
     with pytest.raises(MergeError) as failure:
         merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="on")
     assert f"first differing block {block}, tensor {tensor}" in str(failure.value)
     assert not (tmp_path / "merged").exists()
+    blocks = [u for u in units if u.name.startswith("model.layers.")]
+    assert blocks and all(u.leafwise is not dora for u in blocks)
 
 
 MEMORY_PROBE = """
@@ -531,6 +539,28 @@ def test_merge_and_its_verification_hold_a_few_blocks_not_the_model(tmp_path):
     assert figures["status"] == "passed" and figures["blocks"] == 48 + 3
     # Measured here: about 4 blocks besides the adapter; the whole-model check holds two float32 models (98 blocks).
     assert figures["verification"] < adapter_bytes + 12 * block_bytes < 0.3 * model_bytes, (figures, block_bytes)
+
+
+def test_verification_holds_one_weight_at_a_time_not_a_block(tmp_path):
+    """Blocks far larger than the verification's fixed costs: each weight is loaded when its own layer runs and
+    dropped after, so the check holds less than one block."""
+    from peft import LoraConfig, get_peft_model
+
+    model = random_llama(vocab_size=2048, hidden_size=512, intermediate_size=8192, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4)
+    model.save_pretrained(tmp_path / "base")
+    block_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    largest = max(p.numel() * 4 for p in model.model.layers[0].parameters())
+    adapter = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                               init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    del model, adapter
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                             str(tmp_path / "base")], capture_output=True, text=True, check=True)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["status"] == "passed" and block_bytes > 50e6
+    # Measured here: 26 MB, the largest weight (17 MB) and 10 MB of activations and bookkeeping; a block is 54 MB.
+    assert figures["verification"] < largest + 24e6 < block_bytes, (figures, largest, block_bytes)
 
 
 def test_a_merge_that_does_not_compute_base_plus_adapter_fails_verification(tiny_llama, tmp_path, capsys,

@@ -28,7 +28,7 @@ UNSUPPORTED_OPTIONS = ("target_parameters", "alora_invocation_tokens", "arrow_co
 
 @dataclass
 class LoraTarget:
-    """One LoRA-adapted module, with its factors in float32 and the layout of the weight it changes."""
+    """One LoRA-adapted module, with its factors as stored and the layout of the weight it changes."""
 
     module: str
     kind: str  # "linear" (weight stored out x in), "conv1d" (in x out) or "embedding" (vocab x dim)
@@ -57,7 +57,7 @@ class LoraTarget:
 
     def add_delta_rows(self, block: torch.Tensor, start: int, stop: int) -> None:
         """block += scaling * (B @ A)[rows start:stop], in one fused multiply-add with no delta tensor."""
-        A, B = self.A.to(block.device), self.B.to(block.device)
+        A, B = self.A.to(block.device, torch.float32), self.B.to(block.device, torch.float32)
         if self.out_major:
             block.addmm_(B[start:stop], A, alpha=self.scaling)
         else:
@@ -205,7 +205,8 @@ def resolve_targets(adapter: Adapter, layers: dict[str, Layer]) -> None:
         if a_key not in parts or b_key not in parts:
             raise MergeError(f"{folder}: module {module} has {sorted(parts)} but lacks {a_key} or {b_key}; "
                              "the adapter file is incomplete.")
-        A, B = parts.pop(a_key).float(), parts.pop(b_key).float()
+        # Kept as stored (converting to float32 is exact, and done a row block at a time by add_delta_rows).
+        A, B = parts.pop(a_key), parts.pop(b_key)
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise MergeError(f"{folder}: the LoRA factors of {module} hold NaN or infinite values; the training that "
                              "produced this adapter diverged, so there is nothing sound to merge.")

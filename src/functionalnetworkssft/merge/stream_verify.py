@@ -1,12 +1,14 @@
 """Verify a merge one block at a time, so that any model that can be merged can be verified on the same machine.
 
-The model is built once on the meta device with PEFT's adapter layers in it (the adapter's own tensors are real: they
-are small). The probe runs as a batch of two rows, row 0 for base+adapter (PEFT's unmerged layer semantics: the
-reference) and row 1 for the merged model. Each decoder block, and each weight-holding module outside the blocks
-(embeddings, final norm, output head), is a unit whose forward loads its tensors, runs row 0 with the base's tensors
-and the adapter enabled, then row 1 with the merged tensors and the adapter disabled, and puts the tensors back on
-the meta device. So only one unit's tensors are in memory at a time, and the model's own forward (masks, rotary
-embeddings, residuals) connects the units, for any architecture transformers builds.
+The model is built once on the meta device with PEFT's adapter layers in it. The probe runs as a batch of two rows,
+row 0 for base+adapter (PEFT's unmerged layer semantics: the reference) and row 1 for the merged model. Each decoder
+block, and each weight-holding module outside the blocks (embeddings, final norm, output head), is a unit that runs
+row 0 with the base's tensors and the adapter enabled, then row 1 with the merged tensors and the adapter disabled.
+Inside a block, each layer loads its own tensors (the adapter's too, read again from the adapter file) when its
+forward runs and puts them back on the meta device after, so memory holds one weight matrix in float32, not a block
+and not the adapter. Code that uses a weight outside its own layer's forward (DoRA reads its base layer's) is caught
+by a torch function mode the moment it touches a placeholder, and that unit is then loaded whole. The model's own
+forward (masks, rotary embeddings, residuals) connects the units, for any architecture transformers builds.
 
 Each unit's output rows are compared as they pass; the first unit whose difference exceeds the tolerance fails the
 check, and the tensor in it that differs most from PEFT's own merge of that unit is named.
@@ -22,8 +24,9 @@ from typing import Any, Callable
 from unittest import mock
 
 import torch
+from torch.utils._pytree import tree_leaves
 
-from functionalnetworkssft.merge.io import BLOCK_ELEMENTS, BaseWeights
+from functionalnetworkssft.merge.io import BLOCK_ELEMENTS, BaseWeights, SafetensorsShard
 from functionalnetworkssft.merge.plan import _resolve
 from functionalnetworkssft.errors import MergeError, first_line
 from functionalnetworkssft.merge.verify import RELATIVE_TOLERANCE, _probes, _quiet, compare_logits
@@ -33,8 +36,11 @@ ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lo
                  "modules_to_save", "trainable_tokens_delta", "trainable_tokens_original"}
 WRAPPER_PARTS = {"base_layer", "original_module", "token_adapter"}
 PEFT_PREFIX = "base_model.model."
-# Output features of a plain Linear unit (an output head) computed at once: 16M float32 weights, 64 MiB.
-LINEAR_BLOCK_ELEMENTS = 1 << 24
+# Tensor functions that only read a placeholder's metadata, which is the loaded tensor's.
+METADATA = {"__get__", "size", "dim", "numel", "is_floating_point", "element_size", "__len__"}
+# Output features of a plain Linear unit (an output head) computed at once: 4M float32 weights, 16 MiB,
+# less than a decoder block's largest weight, so the head reuses its buffer.
+LINEAR_BLOCK_ELEMENTS = 1 << 22
 
 
 def plain_name(peft_name: str) -> str:
@@ -52,10 +58,12 @@ class _Sources:
     the reference, the merged folder for the merged model. Names missing on disk fall back to their tied source."""
 
     def __init__(self, base: BaseWeights, merged: BaseWeights, prefix: str, tied: dict[str, str],
-                 overrides: dict[str, torch.Tensor], patch: Callable[[str, torch.Tensor], torch.Tensor] | None):
+                 overrides: dict[str, torch.Tensor], patch: Callable[[str, torch.Tensor], torch.Tensor] | None,
+                 adapter_file: tuple[SafetensorsShard, dict[str, str]] | None = None):
         self.base, self.merged, self.prefix, self.tied = base, merged, prefix, tied
         self.overrides, self.patch = overrides, patch
-        self.spare: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self.adapter_file, self.adapter_keys = adapter_file or (None, {})
+        self.spare: list[torch.Tensor] = []
 
     def _disk(self, weights: BaseWeights, name: str) -> str:
         disk = _resolve(weights, name, self.prefix)
@@ -92,21 +100,45 @@ class _Sources:
         return out
 
     def _take(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """A float32 buffer, reused from the unit before when it has one of this shape: consecutive blocks have the
-        same shapes, and reusing memory saves allocating and page-faulting a block's worth of fresh memory twice
-        per block (measured: a third of the verification's time)."""
-        spare = self.spare.get(shape)
-        out = spare.pop() if spare else torch.empty(shape, dtype=torch.float32)
-        out._fnsft_spare = True
+        """A float32 buffer, reused from the tensor before when one is large enough: consecutive blocks have the same
+        shapes, and reusing memory saves allocating and page-faulting a block's worth of fresh memory twice per
+        block (measured: a third of the verification's time). A miss drops the smaller spares, so that loading leaf
+        by leaf keeps about one buffer of the largest weight."""
+        size = 1
+        for d in shape:
+            size *= d
+        fitting = [b for b in self.spare if b.numel() >= size]
+        if fitting:
+            buffer = min(fitting, key=torch.Tensor.numel)
+            self.spare = [b for b in self.spare if b is not buffer]
+        else:
+            self.spare = []
+            buffer = torch.empty(size, dtype=torch.float32)
+        out = buffer[:size].view(shape)
+        out._fnsft_buffer = buffer
         return out
 
     def give_back(self, tensor: torch.Tensor) -> None:
-        if getattr(tensor, "_fnsft_spare", False):
-            self.spare.setdefault(tuple(tensor.shape), []).append(tensor)
+        buffer = getattr(tensor, "_fnsft_buffer", None)
+        if buffer is not None:
+            self.spare.append(buffer)
 
     def trim(self) -> None:
         """Free the buffers the current unit did not take, so that memory stays at one unit."""
-        self.spare.clear()
+        self.spare = []
+
+    def adapter_tensor(self, peft_name: str) -> torch.Tensor:
+        key = self.adapter_keys.get(peft_name)
+        if key is None:
+            return self.overrides[peft_name]
+        return self.adapter_file.read_rows(key, 0, self.adapter_file.infos[key].rows)
+
+    def has_adapter_tensor(self, peft_name: str) -> bool:
+        return peft_name in self.overrides or peft_name in self.adapter_keys
+
+    def close(self) -> None:
+        if self.adapter_file is not None:
+            self.adapter_file.close()
 
     def rows_of(self, name: str, *, reference: bool) -> int:
         if reference and name in self.overrides:
@@ -117,6 +149,23 @@ class _Sources:
 
 class _Missing(Exception):
     pass
+
+
+class _MetaUse(Exception):
+    """A computation used a tensor that is not loaded: a weight read outside its own module's forward."""
+
+
+class _NoMetaUse(torch.overrides.TorchFunctionMode):
+    """Raises _MetaUse when any torch computation in a leaf-by-leaf pass touches a meta placeholder. Without it,
+    some kernels (F.linear with a real input and a meta weight) return real tensors of uninitialised memory. Reading a
+    placeholder's shape or dtype is fine: they are the loaded tensor's."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in METADATA and any(
+                isinstance(leaf, torch.Tensor) and leaf.is_meta for leaf in tree_leaves((args, kwargs))):
+            raise _MetaUse(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
 
 
 @dataclass
@@ -176,10 +225,21 @@ class _Unit:
                     continue
                 if not _is_adapter(full):
                     self.slots.append(_Slot(sub, attr, plain_name(full), param))
-                elif f"{PEFT_PREFIX}{full}" in sources.overrides:
+                elif sources.has_adapter_tensor(f"{PEFT_PREFIX}{full}"):
                     self.adapter_slots.append(_Slot(sub, attr, f"{PEFT_PREFIX}{full}", param))
         self.loaded: list[torch.Tensor] = []
         self.switches = [m for m in module.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        # Leaf by leaf: each module inside the unit that holds tensors loads them when its own forward runs and
+        # drops them after, so memory holds one weight matrix rather than a block. A unit whose code uses a
+        # weight outside its module's forward (DoRA reads its base layer's) is caught doing so and runs whole.
+        owners: dict[int, list[_Slot]] = {}
+        for slot in self.slots + self.adapter_slots:
+            owners.setdefault(id(slot.owner), []).append(slot)
+        self.leafwise = bool(owners) and id(module) not in owners
+        self.reference = True
+        for slots in owners.values():
+            owner = slots[0].owner
+            owner.forward = self._leaf(slots, owner.forward)
         # Lookups select rows, which is exact in the stored dtype: only the probe's rows are read, as stored.
         self.lookup = type(module) is torch.nn.Embedding and module.max_norm is None
         self.by_rows = (type(module) is torch.nn.Linear and module.weight.numel() > LINEAR_BLOCK_ELEMENTS
@@ -187,21 +247,25 @@ class _Unit:
         self.forward = module.forward
         module.forward = self._run
 
+    def _put(self, slot: _Slot, reference: bool, adapter: bool, stored_dtype: bool = False) -> torch.Tensor:
+        if adapter:
+            value = self.sources.adapter_tensor(slot.name).to(self.check.device, torch.float32)
+        else:
+            value = self.sources.read(slot.name, reference=reference, stored_dtype=stored_dtype)
+            if value.shape != slot.meta.shape:
+                self.sources.give_back(value)
+                raise _Missing(f"{slot.name} has shape {tuple(value.shape)} where the model expects "
+                               f"{tuple(slot.meta.shape)}")
+        slot.owner._parameters[slot.attr] = torch.nn.Parameter(value.to(self.check.device), requires_grad=False)
+        return value
+
     def _load(self, reference: bool) -> None:
         self._unload()  # first, so that the two sets of tensors are never in memory together
         for slot in self.slots:
-            value = self.sources.read(slot.name, reference=reference, stored_dtype=self.lookup)
-            self.loaded.append(value)
-            if value.shape != slot.meta.shape:
-                raise _Missing(f"{slot.name} has shape {tuple(value.shape)} where the model expects "
-                               f"{tuple(slot.meta.shape)}")
-            slot.owner._parameters[slot.attr] = torch.nn.Parameter(value.to(self.check.device), requires_grad=False)
+            self.loaded.append(self._put(slot, reference, False, stored_dtype=self.lookup))
         self.sources.trim()
         for slot in self.adapter_slots:
-            value = self.sources.overrides[slot.name].to(self.check.device, torch.float32)
-            slot.owner._parameters[slot.attr] = torch.nn.Parameter(value, requires_grad=False)
-        for switch in self.switches:
-            switch.enable_adapters(reference)
+            self._put(slot, reference, True)
 
     def _unload(self) -> None:
         for slot in self.slots + self.adapter_slots:
@@ -209,6 +273,41 @@ class _Unit:
         for value in self.loaded:
             self.sources.give_back(value)
         self.loaded = []
+
+    def _leaf(self, slots: list[_Slot], forward: Callable) -> Callable:
+        adapter = {id(slot) for slot in self.adapter_slots}
+
+        def run(*args, **kwargs):
+            if not self.leafwise:
+                return forward(*args, **kwargs)
+            loaded = []
+            try:
+                for slot in slots:
+                    value = self._put(slot, self.reference, id(slot) in adapter)
+                    if id(slot) not in adapter:
+                        loaded.append(value)
+                return forward(*args, **kwargs)
+            finally:
+                for slot in slots:
+                    slot.owner._parameters[slot.attr] = slot.meta
+                for value in loaded:
+                    self.sources.give_back(value)
+
+        return run
+
+    def _pass(self, row: int, args: tuple, kwargs: dict) -> Any:
+        """One row through the unit: row 0 with the base's tensors and the adapter, row 1 merged, adapter off."""
+        self.reference = row == 0
+        for switch in self.switches:
+            switch.enable_adapters(self.reference)
+        if not self.leafwise:
+            self._load(self.reference)
+            return self.forward(*_rows(args, row, 2), **_rows(kwargs, row, 2))
+        with _NoMetaUse():
+            output = self.forward(*_rows(args, row, 2), **_rows(kwargs, row, 2))
+        if _first_tensor(output).is_meta:
+            raise _MetaUse()
+        return output
 
     def _linear_by_rows(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
         """A plain Linear (an output head) computed a block of output features at a time: its float32 weight is
@@ -225,6 +324,7 @@ class _Unit:
                 bias = self.sources.read(f"{self.name}.bias", reference=reference, rows=(start, stop))
                 bias = bias.to(self.check.device)
             pieces.append(torch.nn.functional.linear(x, block, bias))
+            self.sources.give_back(block)
         return torch.cat(pieces, dim=-1)
 
     def _lookup(self, ids: torch.Tensor, reference: bool) -> torch.Tensor:
@@ -246,10 +346,10 @@ class _Unit:
             reference, merged = self._lookup(_rows(ids, 0, 2), True), self._lookup(_rows(ids, 1, 2), False)
         else:
             try:
-                self._load(True)
-                reference = self.forward(*_rows(args, 0, 2), **_rows(kwargs, 0, 2))
-                self._load(False)
-                merged = self.forward(*_rows(args, 1, 2), **_rows(kwargs, 1, 2))
+                reference, merged = self._pass(0, args, kwargs), self._pass(1, args, kwargs)
+            except _MetaUse:
+                self.leafwise = False  # a weight used outside its own module: load the unit whole
+                reference, merged = self._pass(0, args, kwargs), self._pass(1, args, kwargs)
             finally:
                 self._unload()
         self.check.compare(self, _first_tensor(reference), _first_tensor(merged))
@@ -372,8 +472,34 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
                 continue
             full = f"{module_name}.{attr}" if module_name else attr
             overrides[full if _is_adapter(full) else plain_name(full)] = param.detach()
-            module._parameters[attr] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
-    return model, tied, overrides
+            # Float32 like the rest of the model: code that asks a placeholder's dtype gets the loaded tensor's.
+            placeholder = torch.empty_like(param, device="meta",
+                                           dtype=torch.float32 if param.is_floating_point() else param.dtype)
+            module._parameters[attr] = torch.nn.Parameter(placeholder, requires_grad=False)
+    return model, tied, overrides, _on_disk(overrides, adapter_dir, model.active_adapter)
+
+
+def _on_disk(overrides: dict[str, torch.Tensor], adapter_dir: Path, adapter_name: str
+             ) -> tuple[SafetensorsShard, dict[str, str]] | None:
+    """The adapter tensors that its safetensors file holds exactly as loaded, by PEFT name -> file key, removed from
+    `overrides`: each is read again when its unit runs, so the adapter is not held whole through the check."""
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        shard = SafetensorsShard(path)
+    except MergeError:
+        return None
+    keys: dict[str, str] = {}
+    for name in [n for n in overrides if _is_adapter(n)]:
+        key = ".".join(part for part in name.split(".") if part != adapter_name)
+        info = shard.infos.get(key)
+        if info is not None and info.shape == tuple(overrides[name].shape) and info.dtype == overrides[name].dtype \
+                and torch.equal(shard.read_rows(key, 0, info.rows), overrides[name]):
+            keys[name] = key
+            del overrides[name]
+    shard.close()
+    return shard, keys
 
 
 def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: BaseWeights, output_dtype: str,
@@ -382,7 +508,8 @@ def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: 
     """reference: what reference_model returned for these inputs, when it was built ahead (beside the merge)."""
     from tqdm.auto import tqdm
 
-    model, tied, overrides = reference or reference_model(base_dir, adapter_dir, vocab_size, trust_remote_code)
+    model, tied, overrides, adapter_file = reference or reference_model(base_dir, adapter_dir, vocab_size,
+                                                                        trust_remote_code)
     for module in model.modules():
         for key, buffer in module._buffers.items():
             if buffer is not None and not buffer.is_meta:  # meta: PEFT's copies kept only for unmerging
@@ -394,7 +521,7 @@ def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: 
     prefix = getattr(inner, "base_model_prefix", "") or ""
     merged = BaseWeights(merged_dir)
     try:
-        sources = _Sources(base, merged, prefix, tied, overrides, patch)
+        sources = _Sources(base, merged, prefix, tied, overrides, patch, adapter_file)
         vocab = inner.get_input_embeddings().weight.shape[0]
         probes = _probes(merged_dir, vocab)
         # One row of all probes in turn: a single forward per model, with no padding to mask.
@@ -433,3 +560,5 @@ def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: 
         return result
     finally:
         merged.close()
+        if adapter_file is not None:
+            adapter_file[0].close()
