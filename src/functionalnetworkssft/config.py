@@ -563,31 +563,72 @@ class _Unset:
 _UNSET = _Unset()
 
 
-def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
-    import copy
+def string_to_bool(value: str | bool) -> bool:
+    """A flag's boolean value as transformers' HfArgumentParser reads it (yes/no, true/false, t/f, y/n, 1/0)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"Truthy value expected: got {value} but expected one of yes/no, true/false, "
+                                     "t/f, y/n, 1/0 (case insensitive).")
+
+
+def _field_flags(cls: type) -> argparse.ArgumentParser:
+    """The typed fields as flags, the way transformers' HfArgumentParser makes them (bools accept `--flag` alone and
+    get `--no_flag` when they default to true, Literals become choices, lists take one or more values, Optional[X]
+    takes X), written out here because importing transformers costs every command half a second."""
     import types
+    import typing
 
-    from transformers import HfArgumentParser
+    hints = typing.get_type_hints(cls)
+    builder = argparse.ArgumentParser(add_help=False)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind) \
+                and bool not in typing.get_args(kind):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        origin = typing.get_origin(kind) or kind
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        is_bool = kind is bool or kind == (bool | None)
+        if origin is Literal:
+            choices = typing.get_args(kind)
+            by_text = {str(choice): choice for choice in choices}
+            kwargs.update(choices=choices, type=lambda text, by_text=by_text: by_text.get(text, text))
+        elif is_bool:
+            kwargs["type"] = string_to_bool
+            if kind is bool or f.default is not None:
+                default, has_default = (False if not has_default else default), True
+                kwargs.update(nargs="?", const=True)
+        elif isinstance(origin, type) and issubclass(origin, list):
+            kwargs.update(type=typing.get_args(kind)[0], nargs="+")
+        else:
+            kwargs["type"] = kind
+        if has_default:
+            kwargs["default"] = default
+        else:
+            kwargs["required"] = True
+        options = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        builder.add_argument(*options, **kwargs)
+        if f.default is True and is_bool:
+            builder.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
+                                 dest=f.name, default=False, help=f.metadata.get("help"))
+    return builder
 
-    class Builder(HfArgumentParser):
-        @staticmethod
-        def _parse_dataclass_field(parser, dataclass_field):
-            # HfArgumentParser hands a field's metadata to add_argument; the bounds are ours alone.
-            plain = copy.copy(dataclass_field)
-            plain.metadata = types.MappingProxyType({k: v for k, v in dataclass_field.metadata.items()
-                                                     if k not in (BOUNDS, ALIASES)})
-            HfArgumentParser._parse_dataclass_field(parser, plain)
 
-    # HfArgumentParser turns typed fields into flags (bools accept `--flag` alone, Literals become choices);
-    # it is reused as a builder so that our parser keeps one-line errors.
-    builder = Builder(cls)
+def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
+    builder = _field_flags(cls)
     fields = {f.name: f.metadata.get(ALIASES, ()) for f in dataclasses.fields(cls)}
     parser = _Parser(prog=prog, usage="%(prog)s [--config FILE.yaml] [--flag VALUE ...]",
                      description=(cls.__doc__ or "").strip() or None, formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", action=_ConfigOnce,
                         help="YAML file whose keys are flag names; flags on the command line override it.")
-    from transformers.hf_argparser import string_to_bool
-
     for action in builder._actions:
         if action.dest == "help":
             continue
