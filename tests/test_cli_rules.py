@@ -173,3 +173,57 @@ def test_the_optimizers_known_without_importing_transformers_are_transformers_na
     from functionalnetworkssft.config import COMMON_OPTIMIZERS
 
     assert COMMON_OPTIMIZERS <= {o.value for o in OptimizerNames}
+
+
+def _commands_configs():
+    from functionalnetworkssft.config import TrainConfig
+    from functionalnetworkssft.export.command import ExportConfig
+    from functionalnetworkssft.generate import SamplingOptions
+    from functionalnetworkssft.hub import PushConfig
+    from functionalnetworkssft.merge.run import MergeConfig
+    from functionalnetworkssft.networks.command import TemplatesConfig
+
+    return [TrainConfig, MergeConfig, TemplatesConfig, PushConfig, ExportConfig, SamplingOptions]
+
+
+@pytest.mark.parametrize("cls", _commands_configs(), ids=lambda c: c.__name__)
+def test_flags_are_the_ones_transformers_argument_parser_makes(cls):
+    """Our dataclass-to-flags builder stands in for HfArgumentParser (to spare every command the import): each flag
+    must keep its spellings, defaults, arity, choices and value parsing."""
+    import copy
+    import types
+
+    from transformers import HfArgumentParser
+
+    from functionalnetworkssft.config import ALIASES, BOUNDS, _field_flags
+
+    def plain(f):
+        f = copy.copy(f)
+        f.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k not in (BOUNDS, ALIASES)})
+        return f
+
+    class Reference(HfArgumentParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, dataclass_field):
+            HfArgumentParser._parse_dataclass_field(parser, plain(dataclass_field))
+
+    theirs = [a for a in Reference(cls)._actions if a.dest != "help"]
+    ours = [a for a in _field_flags(cls)._actions if a.dest != "help"]
+    assert [a.option_strings for a in ours] == [a.option_strings for a in theirs]
+    for mine, reference in zip(ours, theirs):
+        for attr in ("dest", "nargs", "const", "default", "choices", "required", "help"):
+            assert getattr(mine, attr) == getattr(reference, attr), (mine.dest, attr)
+        for text in [str(c) for c in reference.choices or ()] + (["yes", "0", "T"] if reference.const is True else []):
+            assert mine.type(text) == reference.type(text), (mine.dest, text)
+
+
+def test_parsing_a_command_line_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from functionalnetworkssft.config import parse, TrainConfig; "
+            "parse(TrainConfig, ['--model_name_or_path', 'm', '--dataset_name_or_path', 'd', '--output_dir', 'o', "
+            "'--use_peft', '--lora_target_modules', 'q_proj', 'v_proj'], 'fnsft train'); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
