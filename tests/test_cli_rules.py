@@ -180,7 +180,7 @@ def _commands_configs():
     from functionalnetworkssft.export.command import ExportConfig
     from functionalnetworkssft.generate import SamplingOptions
     from functionalnetworkssft.hub import PushConfig
-    from functionalnetworkssft.merge.run import MergeConfig
+    from functionalnetworkssft.merge.command import MergeConfig
     from functionalnetworkssft.networks.command import TemplatesConfig
 
     return [TrainConfig, MergeConfig, TemplatesConfig, PushConfig, ExportConfig, SamplingOptions]

@@ -160,6 +160,29 @@ def test_a_verify_off_merge_of_a_plain_model_never_imports_model_code(tiny_llama
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
+def test_fingerprints_hashed_ahead_are_those_of_the_files_merged(tiny_llama, tmp_path):
+    """`fnsft merge` hashes its inputs while torch loads; a file rewritten after that is hashed again."""
+    from safetensors.torch import save_file
+
+    from functionalnetworkssft.cli import main
+    from functionalnetworkssft.merge import inputs
+
+    base = Path(shutil.copytree(tiny_llama, tmp_path / "base"))
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    inputs.hash_inputs_ahead(adapter, str(base))
+    stale = inputs.sha256_file(base / "model.safetensors")
+    state = load_file(base / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"] + 1.0  # same size, other bytes
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    assert main(["merge", "--adapter_path", str(adapter), "--base_model_name_or_path", str(base),
+                 "--output_dir", str(tmp_path / "merged"), "--verify", "off"]) == 0
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    fresh = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    assert report["inputs"]["base_files"] == {"model.safetensors": fresh} and fresh != stale
+    for name, digest in report["inputs"]["adapter_files"].items():
+        assert digest == hashlib.sha256((adapter / name).read_bytes()).hexdigest()
+
+
 def test_resized_vocabulary_updates_embeddings_and_vocab_size(tiny_llama, tmp_path):
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", resize=336, r=4, lora_alpha=8,
                            target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])

@@ -19,8 +19,16 @@ QLoRA: PEFT does not record that an adapter was trained on a quantized base. Whe
   bnb_4bit_blocksize         64 (default)
 """
 
-from functionalnetworkssft.merge.adapter import LoraTarget
-from functionalnetworkssft.merge.report import MergeReport
-from functionalnetworkssft.merge.run import MergeConfig, main, merge_adapter
+# Imported on first use, so that `fnsft merge` parses its flags and starts hashing before torch loads.
+_API = {"LoraTarget": "adapter", "MergeReport": "report", "MergeConfig": "command", "main": "command",
+        "merge_adapter": "run"}
 
-__all__ = ["LoraTarget", "MergeConfig", "MergeReport", "main", "merge_adapter"]
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f"functionalnetworkssft.merge.{_API[name]}"), name)
+    raise AttributeError(f"module 'functionalnetworkssft.merge' has no attribute {name!r}")

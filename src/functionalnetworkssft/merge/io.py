@@ -7,7 +7,6 @@ even brought into this process's memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from functionalnetworkssft.errors import MergeError, UsageError
+from functionalnetworkssft.merge.inputs import weight_files
 from functionalnetworkssft.weights import DamagedFile, read_safetensors_header
 
 ST_TO_TORCH = {
@@ -53,16 +53,6 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise UsageError(f"--max_shard_size {text!r} must be positive.")
     return size
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(8 << 20)  # one buffer for the whole file: no 8 MB allocation per read beside the merge
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while size := handle.readinto(buffer):
-            digest.update(view[:size])
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -187,35 +177,13 @@ class BaseWeights:
         self.folder = folder
         self.shards: list[SafetensorsShard | TorchBinShard] = []
         self.where: dict[str, SafetensorsShard | TorchBinShard] = {}
-        files = self._weight_files(folder)
+        files = weight_files(folder)
         for path in files:
             shard = SafetensorsShard(path) if path.suffix == ".safetensors" else TorchBinShard(path)
             self.shards.append(shard)
             for name in shard.infos:
                 self.where[name] = shard
         self.files = files
-
-    @staticmethod
-    def _weight_files(folder: Path) -> list[Path]:
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            index = folder / index_name
-            if index.is_file():
-                try:
-                    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                    raise MergeError(f"{index}: damaged index; re-download the base model.") from None
-                missing = [n for n in names if not (folder / n).is_file()]
-                if missing:
-                    raise MergeError(f"{index}: shard {missing[0]} is missing; re-download the base model.")
-                return [folder / n for n in names]
-            if (folder / single).is_file():
-                return [folder / single]
-        loose = sorted(folder.glob("*.safetensors"))
-        if loose:
-            return loose
-        raise MergeError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model.bin found; "
-                         "point --base_model_name_or_path at a transformers model folder.")
 
     def info(self, name: str) -> TensorInfo:
         return self.where[name].infos[name]

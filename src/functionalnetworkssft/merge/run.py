@@ -10,17 +10,18 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD, Options, arg, field_problems, parse
+from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD
 from functionalnetworkssft.errors import FnsftError, MergeError, UsageError, describe_write_error
 from functionalnetworkssft.merge.adapter import Adapter, read_adapter, read_adapter_config, resolve_targets
 from functionalnetworkssft.merge.architecture import architecture, declares_quantization
-from functionalnetworkssft.merge.io import BaseWeights, parse_size, sha256_file
+from functionalnetworkssft.merge.inputs import sha256_file
+from functionalnetworkssft.merge.io import BaseWeights, parse_size
 from functionalnetworkssft.merge.plan import _resolve, build_plan
 from functionalnetworkssft.merge.qlora import read_training_record
 from functionalnetworkssft.merge.report import MergeReport
@@ -31,30 +32,6 @@ from functionalnetworkssft.weights import model_folder_problem
 
 # Seconds a thread may hold the GIL while another waits, during the write beside the reference model's build.
 SWITCH_INTERVAL = 1e-4
-
-@dataclass
-class MergeConfig(Options):
-    """Merge a PEFT LoRA adapter into its base model, streaming one tensor at a time, and verify the result."""
-
-    adapter_path: str = arg("Folder of the PEFT LoRA adapter (adapter_config.json + adapter weights).")
-    output_dir: str = arg("Folder for the merged model; written beside it first and renamed into place when done.")
-    base_model_name_or_path: str | None = arg(
-        "Base model folder or Hub id. Default: base_model_name_or_path from adapter_config.json.", default=None)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
-        "Dtype of the merged floating-point tensors. auto keeps each tensor's own dtype (no fp32 blow-up).",
-        default="auto")
-    max_shard_size: str = arg("Largest output shard, e.g. 5GB (10^9 bytes) or 2GiB.", default="5GB")
-    verify: Literal["auto", "on", "full", "off"] = arg(
-        "Compare the merged model with base+adapter (PEFT, unmerged) on probe inputs after writing. auto or on: one "
-        "decoder block at a time, so memory stays near one block at any model size; full: both models loaded whole, "
-        "also comparing greedy decoding (small models); off: no check.", default="auto")
-    device: Literal["cpu", "cuda"] = arg("Where deltas are computed and verification runs.", default="cpu")
-    qlora_merge_base: Literal["original", "dequantized"] = arg(
-        "For adapters trained on a 4/8-bit base (fnsft_training.json): merge into the original weights, or into "
-        "the quantization round trip of exactly the layers that were quantized in training.", default="original")
-    trust_remote_code: bool = arg("Allow model code from the base's repository to run (to read its architecture).",
-                                  default=False)
-
 
 @contextlib.contextmanager
 def torch_threads(count: int):
@@ -272,8 +249,9 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
             # more of single-core work that would otherwise follow it). The write creates no modules and changes
             # no warning filters, so the build's global switches (meta init, quiet logging) do not reach it.
             reference = ahead.submit(reference_model, base_dir, adapter_dir, plan.vocab_size, trust_remote_code)
-        # One thread: the row blocks are small and the input hashing runs beside it on another core (measured on
-        # 2 cores, 2 GB: 3.4 s with one thread against 4.7 s with two, and 4.1 s against 8.5 s beside a busy process).
+        # One thread: the row blocks are small (measured on 2 cores, 2 GB, whole `fnsft merge --verify off` with the
+        # inputs hashed ahead: 3.15 s with one thread against 3.77 s with two; with the hashing beside the write,
+        # 4.1 s against 8.5 s beside a busy process).
         with torch_threads(1), _prompt_gil_handover(reference is not None):
             report = write_merged(plan, base, adapter, staging, base_dir, dtype, parse_size(max_shard_size),
                                   torch_device)
@@ -333,15 +311,3 @@ def _maybe_verify(verify, staging, base_dir, adapter_dir, base, vocab_size, quan
                for module in dequantized}
     return verify_merge(staging, base_dir, adapter_dir, output_dtype=lowest, vocab_size=vocab_size,
                         patches=patches, device=device, trust_remote_code=trust_remote_code)
-
-
-def main(argv: list[str] | None, prog: str = "fnsft merge") -> None:
-    config = parse(MergeConfig, argv, prog)
-    problems = field_problems(config)
-    if problems:
-        raise UsageError(problems)
-    report = merge_adapter(config.adapter_path, config.output_dir, base_model=config.base_model_name_or_path,
-                           dtype=config.dtype, max_shard_size=config.max_shard_size, verify=config.verify,
-                           device=config.device, qlora_merge_base=config.qlora_merge_base,
-                           trust_remote_code=config.trust_remote_code)
-    print(report.summary())
