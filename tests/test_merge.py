@@ -435,6 +435,28 @@ def test_qlora_merges_into_original_or_exactly_the_quantized_layers_round_trip(t
         merge_adapter(adapter, tmp_path / "again", base_model=str(tiny_llama), qlora_merge_base="dequantized")
 
 
+def test_fnsft_merge_loads_bitsandbytes_only_for_adapters_trained_on_a_quantized_base(tiny_llama, tmp_path):
+    """The command hides bitsandbytes (1 s of PEFT's import) unless fnsft_training.json says the base was quantized,
+    and a verified QLoRA merge into the round trip still works from the command line."""
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    code = ("import sys; from functionalnetworkssft.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, sys.modules.get('bitsandbytes') is not None)")
+
+    def merge(out: str, *extra: str) -> str:
+        args = ["merge", "--adapter_path", str(adapter), "--base_model_name_or_path", str(tiny_llama),
+                "--output_dir", str(tmp_path / out), *extra]
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                              check=True).stdout.strip().splitlines()[-1]
+
+    assert merge("plain") == "0 False"
+    assert json.loads((tmp_path / "plain" / "merge_report.json").read_text())["verification"]["status"] == "passed"
+    (adapter / "fnsft_training.json").write_text(json.dumps({"quantization": "4bit", "quantized_modules": [
+        "model.layers.0.self_attn.q_proj"]}))
+    assert merge("dequantized", "--qlora_merge_base", "dequantized") == "0 True"
+    report = json.loads((tmp_path / "dequantized" / "merge_report.json").read_text())
+    assert report["qlora"]["merge_base"] == "dequantized" and report["verification"]["status"] == "passed"
+
+
 def test_fnsft_merge_command_prints_summary_and_reports_errors_in_one_line(tiny_gpt2, tmp_path, capsys):
     from functionalnetworkssft.cli import main
 

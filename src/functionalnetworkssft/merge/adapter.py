@@ -57,11 +57,13 @@ class LoraTarget:
 
     def add_delta_rows(self, block: torch.Tensor, start: int, stop: int) -> None:
         """block += scaling * (B @ A)[rows start:stop], in one fused multiply-add with no delta tensor."""
-        A, B = self.A.to(block.device, torch.float32), self.B.to(block.device, torch.float32)
+        def f32(t: torch.Tensor) -> torch.Tensor:
+            return t.to(block.device, torch.float32)
+
         if self.out_major:
-            block.addmm_(B[start:stop], A, alpha=self.scaling)
+            block.addmm_(f32(self.B[start:stop]), f32(self.A), alpha=self.scaling)
         else:
-            block.addmm_(A[:, start:stop].T, B.T, alpha=self.scaling)
+            block.addmm_(f32(self.A[:, start:stop]).T, f32(self.B).T, alpha=self.scaling)
 
 
 @dataclass

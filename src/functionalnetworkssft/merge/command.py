@@ -3,12 +3,14 @@ spare core here, before the merge engine's libraries (torch) load."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from functionalnetworkssft.config import Options, arg, field_problems, parse
+from functionalnetworkssft.config import TRAINING_RECORD, Options, arg, field_problems, parse
 from functionalnetworkssft.errors import UsageError
+from functionalnetworkssft.merge.architecture import declares_quantization
 from functionalnetworkssft.merge.inputs import hash_inputs_ahead
 
 
@@ -36,12 +38,23 @@ class MergeConfig(Options):
                                   default=False)
 
 
+def _without_bitsandbytes() -> None:
+    """PEFT imports bitsandbytes when it is installed, to know its quantized layers: 1.15 s of this process's
+    start-up (measured on 2 cores) and 46 MB, for layers that a merge of an adapter not trained on a quantized base
+    never meets. This process runs only the merge, so bitsandbytes is hidden from it (an import then finds nothing,
+    as if it were not installed)."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
 def main(argv: list[str] | None, prog: str = "fnsft merge") -> None:
     config = parse(MergeConfig, argv, prog)
     problems = field_problems(config)
     if problems:
         raise UsageError(problems)
     hash_inputs_ahead(Path(config.adapter_path), config.base_model_name_or_path)
+    if not declares_quantization(Path(config.adapter_path) / TRAINING_RECORD):
+        _without_bitsandbytes()
     from functionalnetworkssft.merge.run import merge_adapter
 
     report = merge_adapter(config.adapter_path, config.output_dir, base_model=config.base_model_name_or_path,

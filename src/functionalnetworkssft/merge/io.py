@@ -109,16 +109,16 @@ class SafetensorsShard:
         info = self.infos[name]
         row_bytes = info.row_elements * element_size(info.dtype)
         begin = self.offsets[name][0] + start * row_bytes
-        buffer = bytearray((stop - start) * row_bytes)
-        if buffer:
-            view, done = memoryview(buffer), 0
-            while done < len(buffer):
+        # Uninitialised memory (a bytearray would be zero-filled first, only to be overwritten by the read).
+        raw = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        if raw.numel():
+            view, done = memoryview(raw.numpy()), 0
+            while done < len(view):
                 got = os.preadv(self._descriptor(), [view[done:]], begin + done)
                 if got <= 0:
                     raise MergeError(f"{self.path}: file ends inside tensor {name}; the shard is truncated.")
                 done += got
-        flat = torch.frombuffer(buffer, dtype=info.dtype) if buffer else torch.empty(0, dtype=info.dtype)
-        return flat.reshape((stop - start, *info.shape[1:]) if info.shape else ())
+        return raw.view(info.dtype).reshape((stop - start, *info.shape[1:]) if info.shape else ())
 
     def copy_raw(self, name: str, out_fd: int) -> None:
         """Append the tensor's bytes to out_fd, in the kernel where it can, else through a bounded buffer."""
