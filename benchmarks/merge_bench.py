@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -169,6 +170,8 @@ def ratios(runs: list[dict], size: str = REFERENCE_SIZE) -> dict:
 
 
 def main() -> None:
+    # A terminated run still stops its competitor and removes its models (the `finally` blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))

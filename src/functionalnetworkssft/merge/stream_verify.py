@@ -160,9 +160,12 @@ class _NoMetaUse(torch.overrides.TorchFunctionMode):
     some kernels (F.linear with a real input and a meta weight) return real tensors of uninitialised memory. Reading a
     placeholder's shape or dtype is fine: they are the loaded tensor's."""
 
+    paused = False  # while a layer's own tensors are read in: that code touches no placeholder
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") not in METADATA and (_has_meta(args) or _has_meta(kwargs.values())):
+        if not self.paused and getattr(func, "__name__", "") not in METADATA \
+                and (_has_meta(args) or _has_meta(kwargs.values())):
             raise _MetaUse(getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
 
@@ -177,14 +180,6 @@ def _has_meta(values) -> bool:
         elif isinstance(value, (list, tuple)) and _has_meta(value):
             return True
     return False
-
-
-def _unchecked():
-    from contextlib import nullcontext
-
-    from torch.overrides import _get_current_function_mode, _pop_mode_temporarily
-
-    return _pop_mode_temporarily() if isinstance(_get_current_function_mode(), _NoMetaUse) else nullcontext()
 
 
 @dataclass
@@ -256,6 +251,7 @@ class _Unit:
             owners.setdefault(id(slot.owner), []).append(slot)
         self.leafwise = bool(owners) and id(module) not in owners
         self.reference = True
+        self.guard = _NoMetaUse()
         for slots in owners.values() if self.leafwise else ():
             owner = slots[0].owner
             owner.forward = self._leaf(slots, owner.forward)
@@ -301,11 +297,14 @@ class _Unit:
                 return forward(*args, **kwargs)
             loaded = []
             try:
-                with _unchecked():  # reading weights touches no placeholder; only the layer's own code is checked
+                self.guard.paused = True
+                try:
                     for slot in slots:
                         value = self._put(slot, self.reference, id(slot) in adapter)
                         if id(slot) not in adapter:
                             loaded.append(value)
+                finally:
+                    self.guard.paused = False
                 return forward(*args, **kwargs)
             finally:
                 for slot in slots:
@@ -323,7 +322,7 @@ class _Unit:
         if not self.leafwise:
             self._load(self.reference)
             return self.forward(*_rows(args, row, 2), **_rows(kwargs, row, 2))
-        with _NoMetaUse():
+        with self.guard:
             output = self.forward(*_rows(args, row, 2), **_rows(kwargs, row, 2))
         if _first_tensor(output).is_meta:
             raise _MetaUse()
