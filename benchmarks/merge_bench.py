@@ -9,7 +9,8 @@ block by block). PEFT runs only where its way of loading fits in memory. With --
 beside one CPU-bound competing process, the same for fnsft and PEFT. Peak RSS is the kernel's own figure for each
 child (wait4 rusage ru_maxrss). Linux carries ru_maxrss over from the parent across fork+exec, so this script never
 imports torch itself: models are built in a child too, and the parent stays at a few MB. Files are read once before
-timing, so all runs see a warm page cache.
+timing, so all runs see a warm page cache, and dirty pages are flushed (sync) before each timed run and the copy, so
+none pays for the writeback of the one before.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def build_in_child(folder: Path, size: str) -> float:
 def timed(command: list[str], contended: bool = False) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one child process, as the kernel accounts it; contended: beside one
     CPU-bound competing process, started before and stopped after."""
+    # Every run starts with no dirty pages pending: otherwise the kernel is still writing back the files the run
+    # before wrote (or the freshly built model) while this one writes, and whichever runs first after a write pays.
+    os.sync()
     competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if contended else None
     try:
         started = time.perf_counter()
@@ -110,6 +114,7 @@ def available_bytes() -> int:
 
 
 def copy_floor(base: Path, target: Path) -> float:
+    os.sync()
     started = time.perf_counter()
     shutil.copytree(base, target)
     return time.perf_counter() - started
