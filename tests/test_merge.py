@@ -630,3 +630,33 @@ def test_a_whole_model_check_that_cannot_fit_is_refused_before_merging(tiny_llam
     with pytest.raises(UsageError, match="--verify full needs about .* use --verify on"):
         merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="full")
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.partial-*"))
+
+
+def test_blocks_computed_ahead_keep_their_order_pass_errors_on_and_stop_with_the_writer():
+    import threading
+
+    from functionalnetworkssft.merge.io import PlannedTensor, TensorInfo, _computed_ahead
+
+    def tensor(name: str, values: list[int], fail_at: int | None = None) -> PlannedTensor:
+        def produce():
+            for i, value in enumerate(values):
+                if i == fail_at:
+                    raise RuntimeError(f"{name} broke")
+                yield torch.tensor([value], dtype=torch.int32)
+        return PlannedTensor(TensorInfo(name, torch.int32, (len(values),)), produce)
+
+    raw = PlannedTensor(TensorInfo("r", torch.int32, (1,)), lambda fd: None, raw=True)
+    got = [(t.info.name, b"".join(bytes(b) for b in blocks))
+           for t, blocks in _computed_ahead([tensor("a", [1, 2, 3]), raw, tensor("b", [4, 5])])]
+    assert got == [("a", torch.tensor([1, 2, 3], dtype=torch.int32).numpy().tobytes()), ("r", b""),
+                   ("b", torch.tensor([4, 5], dtype=torch.int32).numpy().tobytes())]
+
+    with pytest.raises(RuntimeError, match="b broke"):
+        for _, blocks in _computed_ahead([tensor("a", [1]), tensor("b", [4, 5, 6], fail_at=1)]):
+            list(blocks)
+
+    threads = threading.active_count()
+    for _, blocks in _computed_ahead([tensor("long", list(range(1000)))]):
+        next(blocks)  # the writer gives up after one block (a full disk): the computing thread must end too
+        break
+    assert threading.active_count() == threads
