@@ -72,6 +72,21 @@ def test_a_damaged_base_model_is_one_line_for_merge_train_and_generate(tiny_llam
     one_line(errors, f"model {base}: model.safetensors: {needle}")
 
 
+@pytest.mark.parametrize("weight_map", [{"lm_head.weight": "../../outside.safetensors"}, {"lm_head.weight": 7}],
+                         ids=["path outside the folder", "not a name"])
+def test_a_sharded_base_whose_index_names_no_file_beside_it_is_one_line_and_never_followed(
+        tiny_llama, adapter, tmp_path, capsys, weight_map):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    (base / "model.safetensors").rename(base / "model-00001-of-00001.safetensors")
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    code, errors, _ = cli(capsys, "merge", "--adapter_path", adapter, "--base_model_name_or_path", base,
+                          "--output_dir", tmp_path / "merged")
+    assert code == 1
+    one_line(errors, "model.safetensors.index.json is damaged", "re-download")
+    assert not (tmp_path / "merged").exists()
+
+
 @pytest.mark.parametrize("config, needle", [
     ([1, 2], "expected a JSON object of LoRA settings, got a list"),
     ({"peft_type": "LORA", "r": 0, "base_model_name_or_path": "x"}, "r must be a positive whole number (got 0)"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft.weights import safetensors_problem
+from functionalnetworkssft.weights import DamagedFile, index_shards, safetensors_problem
 
 MARKER = "fnsft_checkpoint.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -96,10 +96,10 @@ def _weights_problem(folder: Path) -> str | None:
                 return f"{name}: {problem}"
         elif name.endswith(".index.json"):
             try:
-                shards = set(json.loads((folder / name).read_text())["weight_map"].values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                shards = index_shards(folder / name)
+            except DamagedFile:
                 return f"{name} is damaged"
-            for shard in sorted(shards):
+            for shard in shards:
                 if not (folder / shard).is_file():
                     return f"{shard} is missing"
                 if shard.endswith(".safetensors") and (problem := safetensors_problem(folder / shard)):

@@ -164,6 +164,18 @@ def read_adapter_config(folder: Path, flag: str = "--adapter_path") -> dict[str,
     return config
 
 
+def index_shards(index: Path) -> list[str]:
+    """The shard files a *.index.json names, each a plain file name beside it (DamagedFile otherwise: a shard named
+    elsewhere is never followed)."""
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise DamagedFile("damaged index") from None
+    if not all(isinstance(n, str) and n and n == Path(n).name for n in names):
+        raise DamagedFile("damaged index (a shard named outside the folder)")
+    return names
+
+
 def model_folder_problem(folder: Path) -> str | None:
     """Why the model folder's config or weight files cannot be loaded (None when they look whole)."""
     config = folder / "config.json"
@@ -177,8 +189,8 @@ def model_folder_problem(folder: Path) -> str | None:
         index = folder / index_name
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                shards = index_shards(index)
+            except DamagedFile:
                 return f"{index_name} is damaged"
             for shard in shards:
                 if not (folder / shard).is_file():

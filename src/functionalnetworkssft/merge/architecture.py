@@ -59,16 +59,17 @@ def from_files(raw_config: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
                pieces: dict[str, dict[str, Any]], adapter_config: dict[str, Any]) -> Architecture | None:
     """The architecture read from config.json, the checkpoint's tensor names and shapes and the adapter's pieces;
     None as soon as any of them leaves a question that only the model's code answers."""
-    if raw_config.get("tie_word_embeddings") is not False or not isinstance(raw_config.get("vocab_size"), int):
+    if raw_config.get("tie_word_embeddings") is not False or type(raw_config.get("vocab_size")) is not int:
         return None
     if raw_config.get("auto_map") or any(isinstance(v, dict) and "model_type" in v for v in raw_config.values()):
         return None  # remote code, or a composite model whose text part has its own config
     if adapter_config.get("fan_in_fan_out") or adapter_config.get("modules_to_save"):
         return None
     architectures = raw_config.get("architectures")
+    model_type = raw_config.get("model_type")
     if not (isinstance(architectures, list) and len(architectures) == 1 and isinstance(architectures[0], str)
-            and isinstance(raw_config.get("model_type"), str) and _code_has_no_conv1d(raw_config["model_type"],
-                                                                                      architectures[0])):
+            and isinstance(model_type, str) and re.fullmatch(r"[A-Za-z0-9_-]+", model_type)
+            and _code_has_no_conv1d(model_type, architectures[0])):
         return None
     layers: dict[str, Layer] = {}
     for module, parts in pieces.items():

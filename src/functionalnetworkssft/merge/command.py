@@ -28,7 +28,7 @@ class MergeConfig(Options):
     max_shard_size: str = arg("Largest output shard, e.g. 5GB (10^9 bytes) or 2GiB.", default="5GB")
     verify: Literal["auto", "on", "full", "off"] = arg(
         "Compare the merged model with base+adapter (PEFT, unmerged) on probe inputs after writing. auto or on: one "
-        "decoder block at a time, so memory stays near one block at any model size; full: both models loaded whole, "
+        "decoder block at a time, one weight matrix in memory at any model size; full: both models loaded whole, "
         "also comparing greedy decoding (small models); off: no check.", default="auto")
     device: Literal["cpu", "cuda"] = arg("Where deltas are computed and verification runs.", default="cpu")
     qlora_merge_base: Literal["original", "dequantized"] = arg(

@@ -14,7 +14,8 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
-from functionalnetworkssft.errors import MergeError
+from functionalnetworkssft.errors import FnsftError, MergeError
+from functionalnetworkssft.weights import DamagedFile, adapter_weights_file, index_shards
 
 _AHEAD: dict[tuple[str, int, int], Future] = {}
 _LOCK = threading.Lock()
@@ -27,9 +28,9 @@ def weight_files(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise MergeError(f"{index}: damaged index; re-download the base model.") from None
+                names = index_shards(index)
+            except DamagedFile as exc:
+                raise MergeError(f"{index}: {exc}; re-download the base model.") from None
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise MergeError(f"{index}: shard {missing[0]} is missing; re-download the base model.")
@@ -99,19 +100,20 @@ def sha256_file(path: Path) -> str:
 def hash_inputs_ahead(adapter_dir: Path, base_name: str | None) -> None:
     """Best effort, before anything is validated: the adapter's files and, when the base is a local folder (named by
     the flag or the adapter's config), its weight files. Whatever this cannot find is reported later by the merge."""
-    from functionalnetworkssft.weights import ADAPTER_WEIGHTS
-
-    paths = [adapter_dir / "adapter_config.json"] + [adapter_dir / n for n in ADAPTER_WEIGHTS
-                                                     if (adapter_dir / n).is_file()][:1]
+    paths = [adapter_dir / "adapter_config.json"]
+    try:
+        paths.append(adapter_weights_file(adapter_dir))
+    except FnsftError:
+        pass
     if base_name is None:
         try:
             base_name = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
         except (OSError, ValueError, AttributeError):
             base_name = None
     base = Path(os.path.expanduser(str(base_name))) if base_name else None
-    if base is not None and base.is_dir():
-        try:
+    try:
+        if base is not None and base.is_dir():
             paths += weight_files(base)
-        except MergeError:
-            pass
-    hash_ahead([p for p in paths if p.is_file()])
+        hash_ahead([p for p in paths if p.is_file()])
+    except (MergeError, OSError):  # an unreadable folder: the merge itself says so, in its own words
+        pass

@@ -239,9 +239,9 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
     hashes = hasher.submit(_hash_inputs, base, adapter)
     ahead = ThreadPoolExecutor(max_workers=1)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    reference = None
     try:
         plan = build_plan(base, adapter, arch, quant if qlora_merge_base == "dequantized" else None, torch_device)
-        reference = None
         if verify in ("auto", "on"):
             from functionalnetworkssft.merge.stream_verify import reference_model
 
@@ -263,7 +263,7 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
                             "double_quant": quant.double_quant if quant.quantization == "4bit" else None,
                             "blocksize": quant.blocksize if quant.quantization == "4bit" else None}
         report.inputs = hashes.result()
-        # The adapter's float32 factors and the plan are done with: the check reads the adapter through PEFT.
+        # The adapter's factors and the plan are done with: the check reads the adapter through PEFT.
         vocab_size = plan.vocab_size
         del plan, adapter
         with torch_threads(idle_cores() if verify != "off" else torch.get_num_threads()):
@@ -284,9 +284,19 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
     finally:
         hasher.shutdown(wait=True)
         ahead.shutdown(wait=True, cancel_futures=True)
+        _close_unused_reference(reference)
         base.close()
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _close_unused_reference(reference) -> None:
+    """The adapter file a reference model built ahead holds open, when the merge failed before verifying (the check
+    closes it itself; closing twice is harmless)."""
+    if reference is not None and reference.done() and not reference.cancelled() and reference.exception() is None:
+        adapter_file = reference.result()[3]
+        if adapter_file is not None:
+            adapter_file[0].close()
 
 
 def _maybe_verify(verify, staging, base_dir, adapter_dir, base, vocab_size, quant, qlora_merge_base, prefix, report,

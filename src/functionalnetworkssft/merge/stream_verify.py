@@ -136,10 +136,6 @@ class _Sources:
     def has_adapter_tensor(self, peft_name: str) -> bool:
         return peft_name in self.overrides or peft_name in self.adapter_keys
 
-    def close(self) -> None:
-        if self.adapter_file is not None:
-            self.adapter_file.close()
-
     def rows_of(self, name: str, *, reference: bool) -> int:
         if reference and name in self.overrides:
             return self.overrides[name].shape[0]
@@ -501,7 +497,8 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
 def _on_disk(overrides: dict[str, torch.Tensor], adapter_dir: Path, adapter_name: str
              ) -> tuple[SafetensorsShard, dict[str, str]] | None:
     """The adapter tensors that its safetensors file holds exactly as loaded, by PEFT name -> file key, removed from
-    `overrides`: each is read again when its unit runs, so the adapter is not held whole through the check."""
+    `overrides`: each is read again when its unit runs, so the adapter is not held whole through the check. The file
+    stays open until the check ends, so a file replaced meanwhile (a training saving into the folder) is not read."""
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         return None
@@ -517,7 +514,6 @@ def _on_disk(overrides: dict[str, torch.Tensor], adapter_dir: Path, adapter_name
                 and torch.equal(shard.read_rows(key, 0, info.rows), overrides[name]):
             keys[name] = key
             del overrides[name]
-    shard.close()
     return shard, keys
 
 
