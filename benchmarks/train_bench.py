@@ -122,7 +122,8 @@ def arm(name: str, model_dir: Path, data: Path, out: Path) -> dict:
     import torch
 
     if name.startswith("fnsft"):
-        from functionalnetworkssft.config import TrainConfig, parse
+        from functionalnetworkssft.options import parse
+        from functionalnetworkssft.training.config import TrainConfig
         from functionalnetworkssft.training import run
 
         flags = ["--model_name_or_path", str(model_dir), "--dataset_name_or_path", str(data), "--output_dir", str(out),

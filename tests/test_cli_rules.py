@@ -81,7 +81,8 @@ def test_unknown_flag_and_bad_value_are_one_line_usage_errors(capsys, tmp_path, 
 
 
 def test_config_file_keys_are_flags_and_the_command_line_wins(tmp_path, data):
-    from functionalnetworkssft.config import TrainConfig, parse
+    from functionalnetworkssft.options import parse
+    from functionalnetworkssft.training.config import TrainConfig
 
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: m\ndataset_name_or_path: {data}\noutput_dir: o\nuse_peft: true\n"
@@ -104,7 +105,7 @@ def test_unknown_config_keys_are_all_listed_with_suggestions(capsys, tmp_path, d
 
 
 def test_saved_run_config_masks_the_hub_token():
-    from functionalnetworkssft.config import TrainConfig
+    from functionalnetworkssft.training.config import TrainConfig
 
     cfg = TrainConfig(model_name_or_path="m", dataset_name_or_path="d", output_dir="o", hub_token="hf_secret")
     assert "hf_secret" not in json.dumps(cfg.to_yaml_dict())
@@ -170,16 +171,16 @@ def test_a_tracker_that_is_not_installed_is_a_usage_error(capsys, tmp_path, data
 def test_the_optimizers_known_without_importing_transformers_are_transformers_names():
     from transformers.training_args import OptimizerNames
 
-    from functionalnetworkssft.config import COMMON_OPTIMIZERS
+    from functionalnetworkssft.training.config import COMMON_OPTIMIZERS
 
     assert COMMON_OPTIMIZERS <= {o.value for o in OptimizerNames}
 
 
 def _commands_configs():
-    from functionalnetworkssft.config import TrainConfig
+    from functionalnetworkssft.training.config import TrainConfig
     from functionalnetworkssft.export.command import ExportConfig
     from functionalnetworkssft.generate import SamplingOptions
-    from functionalnetworkssft.hub import PushConfig
+    from functionalnetworkssft.hub.command import PushConfig
     from functionalnetworkssft.merge.command import MergeConfig
     from functionalnetworkssft.networks.command import TemplatesConfig
 
@@ -195,7 +196,8 @@ def test_flags_are_the_ones_transformers_argument_parser_makes(cls):
 
     from transformers import HfArgumentParser
 
-    from functionalnetworkssft.config import ALIASES, BOUNDS, _field_flags
+    from functionalnetworkssft.options import ALIASES, BOUNDS
+    from functionalnetworkssft.options.flags import _field_flags
 
     def plain(f):
         f = copy.copy(f)
@@ -221,9 +223,23 @@ def test_parsing_a_command_line_imports_neither_torch_nor_transformers():
     import subprocess
     import sys
 
-    code = ("import sys; from functionalnetworkssft.config import parse, TrainConfig; "
+    code = ("import sys; from functionalnetworkssft.options import parse; "
+            "from functionalnetworkssft.training.config import TrainConfig; "
             "parse(TrainConfig, ['--model_name_or_path', 'm', '--dataset_name_or_path', 'd', '--output_dir', 'o', "
             "'--use_peft', '--lora_target_modules', 'q_proj', 'v_proj'], 'fnsft train'); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_version_is_printed_like_every_cli_of_the_ecosystem(capsys):
+    import tomllib
+
+    from functionalnetworkssft import __version__
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert __version__ == declared
+    for flag in ("--version", "-V"):
+        assert main([flag]) == 0
+        assert capsys.readouterr().out == f"fnsft {declared}\n"
+    assert "fnsft --version" in (main(["--help"]), capsys.readouterr().out)[1]

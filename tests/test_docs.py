@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from functionalnetworkssft.config import TrainConfig, build_parser, parse
+from functionalnetworkssft.options import build_parser, parse
+from functionalnetworkssft.training.config import TrainConfig
 from functionalnetworkssft.export.command import ExportConfig
 from functionalnetworkssft.generate import GenerateConfig
-from functionalnetworkssft.hub import PushConfig
+from functionalnetworkssft.hub.command import PushConfig
 from functionalnetworkssft.merge import MergeConfig
 from functionalnetworkssft.networks.command import TemplatesConfig
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from functionalnetworkssft.config import TRACKERS, TrainConfig, parse
+from functionalnetworkssft.options import parse
+from functionalnetworkssft.training.config import TRACKERS, TrainConfig
 from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.training import lora_config, sft_config
 from hostile import cli, one_line
@@ -60,7 +61,7 @@ def test_two_spellings_of_one_flag_are_refused(capsys):
 
 
 def test_help_shows_each_flag_once_with_its_alias():
-    from functionalnetworkssft.config import build_parser
+    from functionalnetworkssft.options import build_parser
 
     text = build_parser(TrainConfig, "fnsft train").format_help()
     assert text.count("--max_seq_length | --max_length N") == 1
@@ -140,7 +141,7 @@ def test_the_scheduler_choices_are_transformers_own():
     choices = typing.get_args(TrainConfig.__dataclass_fields__["lr_scheduler_type"].type) if not isinstance(
         TrainConfig.__dataclass_fields__["lr_scheduler_type"].type, str) else None
     if choices is None:  # postponed annotations: read them from the parser
-        from functionalnetworkssft.config import build_parser
+        from functionalnetworkssft.options import build_parser
 
         action = next(a for a in build_parser(TrainConfig, "x")._actions if a.dest == "lr_scheduler_type")
         choices = action.choices

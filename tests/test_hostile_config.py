@@ -9,7 +9,8 @@ import tracemalloc
 import pytest
 
 from conftest import write_jsonl
-from functionalnetworkssft.config import TrainConfig, load_yaml_file, parse
+from functionalnetworkssft.options import load_yaml_file, parse
+from functionalnetworkssft.training.config import TrainConfig
 from functionalnetworkssft.errors import UsageError
 from hostile import cli, one_line
 

@@ -15,6 +15,7 @@ import yaml
 from hub_server import Account
 
 from functionalnetworkssft import hub
+from functionalnetworkssft.hub import command as hub_command
 from functionalnetworkssft.cli import run_guarded
 from functionalnetworkssft.errors import FnsftError, UsageError
 
@@ -362,7 +363,8 @@ def test_fnsft_push_detects_each_folder_kind(hub_server, run_dir, tiny_gpt2, mon
     folder = tiny_gpt2 if kind == "full" else run_dir / kind
     repo_id = f"alice/push-{kind.replace('_', '-')}"
 
-    assert run_guarded(hub.main, ["--model_dir", str(folder), "--hub_repo_id", repo_id], prog="fnsft push") == 0
+    argv = ["--model_dir", str(folder), "--hub_repo_id", repo_id]
+    assert run_guarded(hub_command.main, argv, prog="fnsft push") == 0
 
     meta, body = card(hub_server.files(repo_id)["README.md"])
     assert meta["library_name"] == library
@@ -377,7 +379,7 @@ def test_fnsft_push_no_hub_private_creates_a_public_repo_on_a_branch(hub_server,
     argv = ["--model_dir", str(run_dir / "merged_model"), "--hub_repo_id", "acme/shared", "--no_hub_private",
             "--hub_revision", "v1", "--hub_commit_message", "release v1"]
 
-    assert run_guarded(hub.main, argv, prog="fnsft push") == 0
+    assert run_guarded(hub_command.main, argv, prog="fnsft push") == 0
 
     assert hub_server.repo("acme/shared")["private"] is False
     assert hub_server.commits("acme/shared", "v1")[0]["summary"] == "release v1"
@@ -392,7 +394,7 @@ def test_fnsft_push_no_hub_private_creates_a_public_repo_on_a_branch(hub_server,
 ])
 def test_fnsft_push_usage_errors_exit_2(hub_server, run_dir, capsys, argv, expected):
     argv = [a.replace("{run}", str(run_dir)) for a in argv]
-    assert run_guarded(hub.main, argv, prog="fnsft push") == 2
+    assert run_guarded(hub_command.main, argv, prog="fnsft push") == 2
     err = capsys.readouterr().err
     assert err.startswith("fnsft push: error: ") and expected.replace("{run}", str(run_dir)) in err
     assert hub_server.requests == []

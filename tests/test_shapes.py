@@ -122,7 +122,8 @@ def test_several_sources_in_one_run_each_in_its_own_format(tiny_llama, tmp_path,
 def test_config_file_dataset_entries_take_config_split_and_samples(tmp_path):
     import datasets
 
-    from functionalnetworkssft.config import TrainConfig, parse
+    from functionalnetworkssft.options import parse
+    from functionalnetworkssft.training.config import TrainConfig
 
     folder = tmp_path / "hub-like"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(TOY[:20]),

@@ -7,9 +7,9 @@ From Python (imported on first use, so `import functionalnetworkssft` stays ligh
 
 __version__ = "0.1.0"
 
-_API = {"TrainConfig": ("functionalnetworkssft.config", "TrainConfig"),
-        "train": ("functionalnetworkssft.training", "train"),
-        "TrainResult": ("functionalnetworkssft.training", "TrainResult"),
+_API = {"TrainConfig": ("functionalnetworkssft.training.config", "TrainConfig"),
+        "train": ("functionalnetworkssft.training.pipeline", "train"),
+        "TrainResult": ("functionalnetworkssft.training.pipeline", "TrainResult"),
         "merge_adapter": ("functionalnetworkssft.merge", "merge_adapter"),
         "push": ("functionalnetworkssft.hub", "push")}
 

@@ -10,6 +10,7 @@ import time
 from functionalnetworkssft.errors import FnsftError, describe_write_error, first_line
 
 USAGE = """usage: fnsft {train,templates,merge,export-gguf,push,generate,chat} [--help] ...
+       fnsft --version
 
   train        fine-tune a causal LM (LoRA, QLoRA or full), optionally with functional-network masks; merge;
                export; upload
@@ -24,8 +25,8 @@ USAGE = """usage: fnsft {train,templates,merge,export-gguf,push,generate,chat} [
 
 # Subcommand -> module with its `main`; imported only when used, so that `fnsft --help` and flag errors answer at
 # once and `fnsft merge` does not pay for the training stack.
-COMMANDS = {"train": "fnsft_trainer:train", "templates": "networks.command", "merge": "merge",
-            "export-gguf": "export.command", "push": "hub", "generate": "generate", "chat": "generate:chat"}
+COMMANDS = {"train": "training.command:train", "templates": "networks.command", "merge": "merge",
+            "export-gguf": "export.command", "push": "hub.command", "generate": "generate", "chat": "generate:chat"}
 
 
 # How long a replica of a data-parallel run waits, after an error, for the main process to report it.
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from functionalnetworkssft import __version__
+
+        print(f"fnsft {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"fnsft: error: unknown command '{name}'; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)

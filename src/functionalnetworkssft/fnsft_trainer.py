@@ -3,22 +3,7 @@
 import sys
 
 from functionalnetworkssft.cli import run_guarded
-
-
-def train(argv: list[str], prog: str) -> None:
-    from functionalnetworkssft.config import TrainConfig, parse
-    from functionalnetworkssft.errors import UsageError
-
-    # Help and flag errors need only the flags: answered before importing the training stack (seconds of torch and
-    # PEFT), with the same lines training would give.
-    config = parse(TrainConfig, argv, prog)
-    problems = config.problems()
-    if problems:
-        raise UsageError(problems)
-    # Imported here, after run_guarded has set up logging, since the training stack logs as it is imported.
-    from functionalnetworkssft.training import run
-
-    run(config)
+from functionalnetworkssft.training.command import train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from functionalnetworkssft import data, modeling
-from functionalnetworkssft.config import Options, arg, field_problems, parse
+from functionalnetworkssft.options import Options, arg, field_problems, parse
 from functionalnetworkssft.errors import FnsftError, UsageError
 from functionalnetworkssft.weights import DamagedFile, adapter_weights_file, load_tensors, read_adapter_config
 

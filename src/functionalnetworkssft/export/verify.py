@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from functionalnetworkssft.merge.verify import _probes, _quiet, _run
+from functionalnetworkssft.verification import probe_inputs, quiet, run_probe
 
 # |logit difference| allowed, relative to the largest source logit (at least 1), and the share of positions whose
 # top-1 token must agree. f32 is the same numbers; the others carry one rounding or quantization of every weight.
@@ -28,15 +28,15 @@ TOKENIZER_PROBES = ("Hello, world! How are you today?", "The year 2024 had 366 d
 def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet():
+    with quiet():
         source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     vocab = source.get_input_embeddings().weight.shape[0]
-    probes = _probes(source_dir, vocab)
+    probes = probe_inputs(source_dir, vocab)
     device = torch.device("cpu")
-    source_runs = [_run(source, p, device) for p in probes]
+    source_runs = [run_probe(source, p, device) for p in probes]
     # The model the file should hold exactly: every weight rounded (or quantized) as the writer stored it.
     _round_trip(source, source_dir, outtype)
-    expected_runs = [_run(source, p, device) for p in probes]
+    expected_runs = [run_probe(source, p, device) for p in probes]
     del source
     gc.collect()
     # transformers' GGUF reader fixes GPT-2's position table at 1,024 rows and drops rope scaling (Llama-3.1's
@@ -48,10 +48,10 @@ def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, An
     scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     scaled = isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default"
     config = config if config.model_type == "gpt2" or scaled else None
-    with _quiet():
+    with quiet():
         exported = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
                                                         dtype=torch.float32).eval()
-    exported_runs = [_run(exported, p, device) for p in probes]
+    exported_runs = [run_probe(exported, p, device) for p in probes]
     del exported
     gc.collect()
 
@@ -66,7 +66,7 @@ def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, An
     greedy_equal = [e == s for (_, e), (_, s) in zip(exported_runs, source_runs)]
 
     source_tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    with _quiet():
+    with quiet():
         gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     _apply_llama_cpp_pre_tokenizer(gguf_tokenizer, gguf_path)
     texts = list(TOKENIZER_PROBES) + [t for t in source_tokenizer.all_special_tokens if t][:4]

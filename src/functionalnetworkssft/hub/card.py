@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD
+from functionalnetworkssft.records import MERGE_REPORT, TRAINING_RECORD
 from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.hub.auth import REPO_PART
 from functionalnetworkssft.hub.http import PREFLIGHT_TIMEOUT_S

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
-from functionalnetworkssft.config import MERGE_REPORT
+from functionalnetworkssft.records import MERGE_REPORT
 from functionalnetworkssft.errors import FnsftError
 from functionalnetworkssft.hub.auth import token_source
 from functionalnetworkssft.hub.card import (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from functionalnetworkssft.config import TRAINING_RECORD
+from functionalnetworkssft.records import TRAINING_RECORD
 from functionalnetworkssft.errors import MergeError
 from functionalnetworkssft.merge.adapter import ADAPTER_PREFIX
 from functionalnetworkssft.merge.architecture import Layer

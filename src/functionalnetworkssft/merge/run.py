@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from functionalnetworkssft.config import MERGE_REPORT, TRAINING_RECORD
+from functionalnetworkssft.records import MERGE_REPORT, TRAINING_RECORD
 from functionalnetworkssft.errors import FnsftError, MergeError, UsageError, describe_write_error
 from functionalnetworkssft.merge.adapter import Adapter, read_adapter, read_adapter_config, resolve_targets
 from functionalnetworkssft.merge.architecture import architecture, declares_quantization

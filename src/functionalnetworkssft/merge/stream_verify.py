@@ -28,7 +28,8 @@ import torch
 from functionalnetworkssft.merge.io import BLOCK_ELEMENTS, BaseWeights, SafetensorsShard
 from functionalnetworkssft.merge.plan import _resolve
 from functionalnetworkssft.errors import MergeError, first_line
-from functionalnetworkssft.merge.verify import RELATIVE_TOLERANCE, _probes, _quiet, compare_logits
+from functionalnetworkssft.merge.verify import RELATIVE_TOLERANCE
+from functionalnetworkssft.verification import compare_logits, probe_inputs, quiet
 
 # Parts of a PEFT parameter name that hold the adapter's own tensors, and wrappers around a base module.
 ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -458,7 +459,7 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with _quiet():
+    with quiet():
         config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if vocab_size is not None:
@@ -538,7 +539,7 @@ def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: 
     try:
         sources = _Sources(base, merged, prefix, tied, overrides, patch, adapter_file)
         vocab = inner.get_input_embeddings().weight.shape[0]
-        probes = _probes(merged_dir, vocab)
+        probes = probe_inputs(merged_dir, vocab)
         # One row of all probes in turn: a single forward per model, with no padding to mask.
         ids = torch.tensor([sum(probes, [])] * 2, device=device)
         units = _units(model)
@@ -547,11 +548,11 @@ def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: 
             for name, module in units:
                 _Unit(name, module, sources, check)  # wraps the module's forward; the model is discarded after
             try:
-                with torch.no_grad(), _quiet():
+                with torch.no_grad(), quiet():
                     logits = model(input_ids=ids, use_cache=False).logits.float().cpu()
             except _Missing as exc:
                 return {"status": "failed", "mode": "streaming", "reason": str(exc)}
-        compared = compare_logits([logits[1]], [logits[0]], output_dtype)
+        compared = compare_logits([logits[1]], [logits[0]], RELATIVE_TOLERANCE[output_dtype])
         passed = compared.pop("within_tolerance") and check.first_failure is None
         result: dict[str, Any] = {
             "status": "passed" if passed else "failed",

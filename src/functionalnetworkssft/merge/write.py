@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from functionalnetworkssft.config import MERGE_REPORT
+from functionalnetworkssft.records import MERGE_REPORT
 from functionalnetworkssft.merge.adapter import Adapter
 from functionalnetworkssft.merge.io import BaseWeights, PlannedTensor, TensorInfo, plan_shards, write_shards
 from functionalnetworkssft.merge.plan import Plan, compute_blocks

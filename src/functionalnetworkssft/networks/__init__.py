@@ -7,15 +7,23 @@ restrict which output rows of the MLP projections may change.
 - `templates`: the template file (the earlier tools' format plus provenance), read and checked against a model.
 - `masks`: the update restriction (lesion/preserve) for LoRA and full fine-tuning, and the forward-pass masking.
 - `plan`: the network one training run uses, attached for training and recorded beside the weights.
+- `options`: the ICA options `fnsft templates` and `fnsft train` share.
 - `command`: `fnsft templates`, and building templates from a run's own data.
 """
-
-from functionalnetworkssft.networks.command import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES, build_templates, sample_rows
-from functionalnetworkssft.networks.plan import NetworkPlan
-from functionalnetworkssft.networks.templates import Templates, read_templates
 
 # Where `fnsft train --mask_mode ...` saves the templates it built from its own training data.
 TEMPLATES_FILE = "global_templates.json"
 
-__all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_SAMPLES", "NetworkPlan", "TEMPLATES_FILE", "Templates", "build_templates",
-           "read_templates", "sample_rows"]
+# Imported on first use, so that parsing `fnsft train` flags (which share networks.options) does not load torch.
+_API = {"DEFAULT_MAX_TOKENS": "command", "DEFAULT_SAMPLES": "command", "build_templates": "command",
+        "sample_rows": "command", "NetworkPlan": "plan", "Templates": "templates", "read_templates": "templates"}
+
+__all__ = ["TEMPLATES_FILE", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f"functionalnetworkssft.networks.{_API[name]}"), name)
+    raise AttributeError(f"module 'functionalnetworkssft.networks' has no attribute {name!r}")

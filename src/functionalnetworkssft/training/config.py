@@ -1,52 +1,31 @@
-"""Typed configuration: one dataclass per subcommand, help written once, read from flags and/or a YAML file.
+"""`fnsft train`'s configuration: every flag with its help text, and the rules that tie flags together.
 
-`parse(TrainConfig, argv)` accepts `--config FILE.yaml` whose keys are flag names; flags given on the command
-line override the file, and unknown keys are an error. A file's values are converted field by field with the
-field's own type, never turned back into command-line words, so a value can never become a flag.
-`field_problems(cfg)` checks every field against the bounds declared with it (and that every number is finite);
-`TrainConfig.problems()` adds the rules that tie flags together. All problems are reported together, before any
-model or dataset is loaded.
+`TrainConfig.problems()` adds those rules to the bounds every option declares (`options.field_problems`); all
+problems are reported together, before any model or dataset is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
-import yaml
-
-from functionalnetworkssft.errors import UsageError
+from functionalnetworkssft.networks.options import ica_components_arg, ica_percentile_arg, ica_threshold_arg, ica_z_arg
+from functionalnetworkssft.options import Options, arg, field_problems, yaml_kind
 
 # Optimizer names transformers' OptimizerNames holds (a test checks it still does), known without importing it.
 COMMON_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
                                "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
 
-T = TypeVar("T")
-
 SECRET_FIELDS = ("hub_token",)
 MASK = "***"
-
-# Written beside an adapter or model by `fnsft train` (base, data, method, quantized layers) so that merge,
-# generate and push need no extra flags.
-TRAINING_RECORD = "fnsft_training.json"
-# Written into merged_model/ by the merge: verification figures and input hashes.
-MERGE_REPORT = "merge_report.json"
-# A config file is a handful of keys; anything larger is a mistake or an attack, refused before it is parsed.
-CONFIG_MAX_BYTES = 1 << 20
-# Field metadata keys of the bounds and aliases declared with `arg`; argparse never sees them.
-BOUNDS = "fnsft_bounds"
-ALIASES = "fnsft_aliases"
 # The config-file key whose mapping goes to SFTConfig as it is (TrainConfig.trainer_overrides).
 TRAINER_KEY = "trainer"
 # The config-file key listing datasets with their own config, split and sample count (TrainConfig.dataset_entries).
 DATASETS_KEY = "datasets"
-# TRL's names for the opposite of --train_on_prompt.
-INVERTED_ALIASES = {"assistant_only_loss": "train_on_prompt", "completion_only_loss": "train_on_prompt"}
 # The experiment trackers transformers integrates (INTEGRATION_TO_CALLBACK), each with the package it needs.
 TRACKERS = {"azure_ml": "azureml", "comet_ml": "comet_ml", "mlflow": "mlflow", "neptune": "neptune",
             "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "codecarbon": "codecarbon",
@@ -63,83 +42,19 @@ MANAGED_TRAINER_FIELDS = frozenset({
     "neftune_noise_alpha", "push_to_hub", "hub_model_id", "hub_token", "resume_from_checkpoint"})
 
 
-def arg(help: str, *, minimum: float | None = None, maximum: float | None = None, below: float | None = None,
-        positive: bool = False, hint: str | None = None, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
-    """A dataclass field whose help text is the single source for --help, the README and error messages.
-
-    The bounds are checked by `field_problems` for every command alike: `positive` (> 0), `minimum` (>=),
-    `maximum` (<=), `below` (<). `hint` is appended to the message when a value is out of bounds. `aliases` are other
-    spellings of the flag (TRL's names) accepted on the command line and as config-file keys.
-    """
-    bounds = {"minimum": minimum, "maximum": maximum, "below": below, "positive": positive, "hint": hint}
-    return field(metadata={"help": help, BOUNDS: bounds, ALIASES: aliases}, **kwargs)
+def _read_dataset_entries(value: Any) -> list[Any]:
+    """A `datasets:` list, each entry a path or a mapping (checked in full by TrainConfig.problems)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError("expects a list of datasets (each a path, or a mapping with path, config, split, samples), "
+                         f"got {yaml_kind(value)}")
+    return [{"path": v} if isinstance(v, str) else v for v in value]
 
 
-class Options:
-    """What every command's configuration carries besides its flags."""
-
-    # The --config file the values came from (an input of the run that nothing may overwrite); set by `parse`.
-    config_file: str | None = None
-
-
-def field_problems(cfg: Any) -> list[str]:
-    """Every field that breaks its declared bounds, is a non-finite number, or holds a NUL byte: one line each."""
-    found: list[str] = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        flag = f"--{f.name}"
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, str) and "\x00" in v for v in values):
-            found.append(f"{flag} contains a NUL byte; remove it.")
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            found.append(f"{flag} must be a finite number (got {value}).")
-            continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        meta = f.metadata.get(BOUNDS, {})
-        low = (0, False) if meta.get("positive") else (meta["minimum"], True) if meta.get("minimum") is not None \
-            else None
-        high = (meta["below"], False) if meta.get("below") is not None else (meta["maximum"], True) \
-            if meta.get("maximum") is not None else None
-        broken = (low is not None and (value < low[0] or (value == low[0] and not low[1]))) or \
-                 (high is not None and (value > high[0] or (value == high[0] and not high[1])))
-        if not broken:
-            continue
-        if low and high:
-            rule = f"in {'[' if low[1] else '('}{_number(low[0])}, {_number(high[0])}{']' if high[1] else ')'}"
-        elif low:
-            rule = f"at least {_number(low[0])}" if low[1] else "positive" if low[0] == 0 else \
-                f"above {_number(low[0])}"
-        else:
-            rule = f"at most {_number(high[0])}" if high[1] else f"below {_number(high[0])}"
-        hint = f"; {meta['hint']}" if meta.get("hint") else ""
-        found.append(f"{flag} must be {rule} (got {_number(value)}){hint}.")
-    return found
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
-
-
-# Options `fnsft templates` and `fnsft train --mask_mode` share: one definition, one help text.
-def ica_components_arg() -> Any:
-    return arg("ICA components (networks) to find (when templates are built).", default=10, positive=True)
-
-
-def ica_threshold_arg() -> Any:
-    return arg("How a component's channels are chosen: zscore (z-scored mixing weight above --ica_z, as the paper's "
-               "code does) or percentile (|weight| at or above --ica_percentile, as earlier tools did).",
-               default="zscore")
-
-
-def ica_percentile_arg() -> Any:
-    return arg("Percentile of |mixing weight| for --ica_threshold percentile.", default=98.0, positive=True,
-               below=100)
-
-
-def ica_z_arg() -> Any:
-    return arg("z-score cut for --ica_threshold zscore.", default=1.96, positive=True)
+def _read_trainer(value: Any) -> dict[str, Any]:
+    """A `trainer:` mapping of SFTConfig field names (checked against SFTConfig by TrainConfig.problems)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"expects a mapping of SFTConfig field names to values, got {yaml_kind(value)}")
+    return dict(value)
 
 
 @dataclass
@@ -337,6 +252,11 @@ class TrainConfig(Options):
                                    default=None)
     hub_token: str | None = arg("Hub token. Wins over HF_TOKEN, which wins over the cached `hf auth login` (the order "
                                 "huggingface_hub uses). Never written to disk.", default=None)
+    INVERTED_FLAGS: ClassVar[dict[str, str]] = {"assistant_only_loss": "train_on_prompt",
+                                                 "completion_only_loss": "train_on_prompt"}
+    FILE_SECTIONS: ClassVar[dict[str, tuple[str, Any]]] = {
+        DATASETS_KEY: ("dataset_entries", _read_dataset_entries), TRAINER_KEY: ("trainer_overrides", _read_trainer)}
+
     # Any other SFTConfig/TrainingArguments field, from a `trainer:` mapping in the config file (no flag).
     trainer_overrides: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     # Datasets with their own config, split and sample count, from a `datasets:` list in the config file (no flag).
@@ -506,345 +426,3 @@ class TrainConfig(Options):
         if entries:
             values["datasets"] = entries
         return values
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Parsing flags and config files
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """One spelling per flag, a short metavar, and the default only where it tells the reader something."""
-
-    METAVARS = {int: "N", float: "X"}
-
-    def _format_action_invocation(self, action: argparse.Action) -> str:
-        if not action.option_strings:
-            return super()._format_action_invocation(action)
-        flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
-        aliases = getattr(action, "fnsft_aliases", ())
-        if aliases:
-            flag += "".join(f" | --{alias}" for alias in aliases)
-        if action.nargs == 0 or (action.nargs == "?" and action.const is True):
-            return flag
-        metavar = self.METAVARS.get(action.type, "VALUE") if action.metavar is None else action.metavar
-        return f"{flag} {metavar} ..." if action.nargs == "+" else f"{flag} {metavar}"
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if getattr(action, "fnsft_required", False):
-            return f"{text} (required)"
-        if action.default not in (None, False, [], argparse.SUPPRESS) and action.nargs != 0:
-            return f"{text} (default: %(default)s)"
-        return text
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line naming it, exit status 2, no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-class _ConfigOnce(argparse.Action):
-    """--config FILE or --config=FILE, once: a second file would silently hide the first one's values."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if getattr(namespace, self.dest, _UNSET) is not _UNSET:
-            raise UsageError("--config is given twice; merge the files into one, or override single values with "
-                             "flags.")
-        setattr(namespace, self.dest, values)
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "<unset>"
-
-
-_UNSET = _Unset()
-
-
-def string_to_bool(value: str | bool) -> bool:
-    """A flag's boolean value as transformers' HfArgumentParser reads it (yes/no, true/false, t/f, y/n, 1/0)."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"Truthy value expected: got {value} but expected one of yes/no, true/false, "
-                                     "t/f, y/n, 1/0 (case insensitive).")
-
-
-def _field_flags(cls: type) -> argparse.ArgumentParser:
-    """The typed fields as flags, the way transformers' HfArgumentParser makes them (bools accept `--flag` alone and
-    get `--no_flag` when they default to true, Literals become choices, lists take one or more values, Optional[X]
-    takes X), written out here because importing transformers costs every command half a second."""
-    import types
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    builder = argparse.ArgumentParser(add_help=False)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind) \
-                and bool not in typing.get_args(kind):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        origin = typing.get_origin(kind) or kind
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
-        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        is_bool = kind is bool or kind == (bool | None)
-        if origin is Literal:
-            choices = typing.get_args(kind)
-            by_text = {str(choice): choice for choice in choices}
-            kwargs.update(choices=choices, type=lambda text, by_text=by_text: by_text.get(text, text))
-        elif is_bool:
-            kwargs["type"] = string_to_bool
-            if kind is bool or f.default is not None:
-                default, has_default = (False if not has_default else default), True
-                kwargs.update(nargs="?", const=True)
-        elif isinstance(origin, type) and issubclass(origin, list):
-            kwargs.update(type=typing.get_args(kind)[0], nargs="+")
-        else:
-            kwargs["type"] = kind
-        if has_default:
-            kwargs["default"] = default
-        else:
-            kwargs["required"] = True
-        options = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        builder.add_argument(*options, **kwargs)
-        if f.default is True and is_bool:
-            builder.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
-                                 dest=f.name, default=False, help=f.metadata.get("help"))
-    return builder
-
-
-def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
-    builder = _field_flags(cls)
-    fields = {f.name: f.metadata.get(ALIASES, ()) for f in dataclasses.fields(cls)}
-    parser = _Parser(prog=prog, usage="%(prog)s [--config FILE.yaml] [--flag VALUE ...]",
-                     description=(cls.__doc__ or "").strip() or None, formatter_class=_HelpFormatter)
-    parser.add_argument("--config", metavar="FILE.yaml", action=_ConfigOnce,
-                        help="YAML file whose keys are flag names; flags on the command line override it.")
-    for action in builder._actions:
-        if action.dest == "help":
-            continue
-        if action.type is string_to_bool and action.nargs is None:
-            # An optional bool (None = decided at run time) is still switched on by the flag alone.
-            action.nargs, action.const = "?", True
-        if action.option_strings and action.option_strings[0].startswith("--no_"):
-            action.help = f"Turn off {action.option_strings[0].replace('--no_', '--')}."
-        # A required value may come from the config file instead; `parse` checks it once both are read.
-        action.fnsft_required = action.required  # type: ignore[attr-defined]
-        action.required = False
-        aliases = fields.get(action.dest, ())
-        if aliases and not action.option_strings[0].startswith("--no_"):
-            action.option_strings.extend(f"--{alias}" for alias in aliases)
-            action.fnsft_aliases = aliases  # type: ignore[attr-defined]
-        parser._add_action(action)
-    for alias, dest in INVERTED_ALIASES.items():
-        if dest in fields:
-            parser.add_argument(f"--{alias}", dest=dest, nargs="?", const=True, type=string_to_bool,
-                                action=_Inverted, help=argparse.SUPPRESS)
-    return parser
-
-
-class _Inverted(argparse.Action):
-    """A flag that means the opposite of the field it sets (TRL's --assistant_only_loss for --train_on_prompt)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, not values)
-
-
-def parse(cls: type[T], argv: list[str] | None, prog: str) -> T:
-    """Read a config from `--config FILE.yaml` and flags (flags win); reject unknown keys and bad values."""
-    import sys
-
-    parser = build_parser(cls, prog)
-    actions = {a.dest: a for a in parser._actions
-               if a.dest not in ("help", "config") and not isinstance(a, _Inverted)}
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _refuse_two_spellings(parser, argv)
-    # Every field starts unset, so that only what the command line really gave overrides the file.
-    namespace = argparse.Namespace(**{dest: _UNSET for dest in [*actions, "config"]})
-    parser.parse_args(argv, namespace)
-    given = {dest: value for dest, value in vars(namespace).items() if value is not _UNSET}
-    config_file = given.pop("config", None)
-    accepts_trainer = any(f.name == "trainer_overrides" for f in dataclasses.fields(cls))
-    values = read_config_file(config_file, actions, prog, accepts_trainer) if config_file is not None else {}
-    values.update(given)
-    missing = [f"--{dest} is required (or {dest}: in the --config file)" if config_file else f"--{dest} is required"
-               for dest, action in actions.items() if action.fnsft_required and dest not in values]
-    if missing:
-        raise UsageError([f"{line}; see {prog} --help." for line in missing])
-    overrides = values.pop(TRAINER_KEY, None)
-    # `datasets:` entries belong to `fnsft train`; `fnsft templates` has a plain `datasets` field of its own.
-    entries = values.pop(DATASETS_KEY, None) if accepts_trainer else None
-    cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values and f.init})
-    if overrides:
-        cfg.trainer_overrides = overrides
-    if entries:
-        cfg.dataset_entries = entries
-    cfg.config_file = config_file
-    return cfg
-
-
-def _refuse_two_spellings(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """A flag given under two of its names (--max_length and --max_seq_length): which one wins would be a guess."""
-    seen: dict[str, str] = {}
-    for word in argv:
-        option = word.split("=", 1)[0]
-        action = parser._option_string_actions.get(option) if option.startswith("--") else None
-        if action is None:
-            continue
-        first = seen.setdefault(action.dest, option)
-        if first != option:
-            raise UsageError(f"{first} and {option} set the same value; give one of them.")
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """safe_load without aliases (an alias bomb expands to gigabytes from a few lines) and without duplicate keys
-    (the later one would silently win)."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in fnsft config files",
-                                       problem_mark=event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = key_node.value
-            if key in seen:
-                raise yaml.MarkedYAMLError(problem=f"key '{key}' appears twice", problem_mark=key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml_file(path: str, flag: str = "--config") -> Any:
-    """A YAML file's content, or a one-line UsageError naming the file: missing, too large, not YAML, aliases."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(CONFIG_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise UsageError(f"{flag} {path}: no such file.") from None
-    except IsADirectoryError:
-        raise UsageError(f"{flag} {path} is a folder; give a YAML file.") from None
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: cannot be read ({exc.strerror}).") from None
-    if len(raw) > CONFIG_MAX_BYTES:
-        raise UsageError(f"{flag} {path} is larger than {CONFIG_MAX_BYTES >> 20} MiB; a config file holds flag "
-                         "values only.")
-    try:
-        return yaml.load(raw.decode("utf-8"), Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
-    except UnicodeDecodeError:
-        raise UsageError(f"{flag} {path}: not UTF-8 text.") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None)
-        raise UsageError(f"{flag} {path}: not valid YAML{where}" + (f": {problem}." if problem else ".")) from None
-    except RecursionError:
-        raise UsageError(f"{flag} {path}: nested too deeply to be a config file.") from None
-
-
-def read_config_file(path: str, actions: dict[str, argparse.Action], prog: str,
-                     accepts_trainer: bool = False) -> dict[str, Any]:
-    """Field values from a YAML mapping of flag names (or their aliases), each converted with its field's type; every
-    problem listed. With `accepts_trainer`, a `trainer:` mapping is passed on as it is (checked by the config)."""
-    loaded = load_yaml_file(path)
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {_yaml_kind(loaded)}.")
-    names = {dest: dest for dest in actions}
-    names.update({alias: dest for dest, action in actions.items() for alias in getattr(action, "fnsft_aliases", ())})
-    inverted = {alias: dest for alias, dest in INVERTED_ALIASES.items() if dest in actions}
-    problems, values, spelled = [], {}, {}
-    for key, value in loaded.items():
-        if key == DATASETS_KEY and accepts_trainer:
-            if not isinstance(value, list) or not value:
-                problems.append(f"--config {path}: key '{DATASETS_KEY}' expects a list of datasets (each a path, or a "
-                                f"mapping with path, config, split, samples), got {_yaml_kind(value)}.")
-            else:
-                values[DATASETS_KEY] = [{"path": v} if isinstance(v, str) else v for v in value]
-            continue
-        if key == TRAINER_KEY and accepts_trainer:
-            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-                problems.append(f"--config {path}: key '{TRAINER_KEY}' expects a mapping of SFTConfig field names to "
-                                f"values, got {_yaml_kind(value)}.")
-            else:
-                values[TRAINER_KEY] = dict(value)
-            continue
-        if not isinstance(key, str) or (key not in names and key not in inverted):
-            close = difflib.get_close_matches(str(key), [*names, *inverted], n=1)
-            problems.append(f"--config {path}: unknown key '{key}'" + (
-                f"; did you mean '{close[0]}'?" if close else f"; see {prog} --help for the keys."))
-            continue
-        dest = names.get(key) or inverted[key]
-        if dest in spelled:
-            problems.append(f"--config {path}: keys '{spelled[dest]}' and '{key}' set the same value; keep one.")
-            continue
-        spelled[dest] = key
-        if value is None:
-            continue  # `key:` with no value keeps the default
-        try:
-            converted = _convert(actions[dest], value)
-            values[dest] = (not converted) if key in inverted else converted
-        except ValueError as exc:
-            problems.append(f"--config {path}: key '{key}' {exc}.")
-    if problems:
-        raise UsageError(problems)
-    return values
-
-
-def _convert(action: argparse.Action, value: Any) -> Any:
-    """A YAML value as the field's type; ValueError says what was expected and what came."""
-    if action.nargs == "+":
-        items = value if isinstance(value, list) else [value]
-        if isinstance(value, dict) or any(isinstance(v, (dict, list)) for v in items):
-            raise ValueError(f"expects a list of {_expected(action)} values, got {_yaml_kind(value)}")
-        return [_scalar(action, v) for v in items]
-    if isinstance(value, (dict, list)):
-        raise ValueError(f"expects {_expected(action)}, got {_yaml_kind(value)}")
-    return _scalar(action, value)
-
-
-def _scalar(action: argparse.Action, value: Any) -> Any:
-    is_bool_field = action.nargs == "?" and action.const is True
-    if isinstance(value, bool) and not is_bool_field:
-        raise ValueError(f"expects {_expected(action)}, got {str(value).lower()}")
-    if action.type is int and isinstance(value, float):
-        raise ValueError(f"expects {_expected(action)}, got {value}")
-    if is_bool_field and isinstance(value, bool):
-        return value
-    try:
-        converted = action.type(str(value)) if action.type is not None else str(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        raise ValueError(f"expects {_expected(action)}, got {str(value)!r}") from None
-    if action.choices is not None and converted not in action.choices:
-        raise ValueError(f"expects {_expected(action)}, got {str(value)!r}")
-    return converted
-
-
-def _expected(action: argparse.Action) -> str:
-    if action.choices is not None:
-        return "one of " + ", ".join(str(c) for c in action.choices)
-    if action.nargs == "?" and action.const is True:
-        return "true or false"
-    return {int: "a whole number", float: "a number"}.get(action.type, "text")
-
-
-def _yaml_kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list" + (" holding a mapping or list" if any(isinstance(v, (dict, list)) for v in value) else "")
-    if isinstance(value, str):
-        return "text"
-    return {bool: "true or false", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
