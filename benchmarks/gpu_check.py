@@ -120,6 +120,7 @@ def main() -> int:
     passed = {name: check["rc"] == check.get("expected_rc", 0) for name, check in checks.items()}
     passed["lora_merged_is_bf16_and_verified"] = facts.get("lora") == {"verification": "passed", "dtype": "bfloat16"}
     passed["qlora_merged_verified"] = (facts.get("qlora") or {}).get("verification") == "passed"
+    passed["lora_gguf_written"] = (work / "lora" / "model.gguf").is_file() and (work / "lora" / "Modelfile").is_file()
     result = {"environment": env, "passed": passed, "merged": facts,
               "checks": {name: {k: v for k, v in check.items() if k not in ("stdout", "stderr")}
                          for name, check in checks.items()}}

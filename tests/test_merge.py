@@ -660,3 +660,15 @@ def test_blocks_computed_ahead_keep_their_order_pass_errors_on_and_stop_with_the
         next(blocks)  # the writer gives up after one block (a full disk): the computing thread must end too
         break
     assert threading.active_count() == threads
+
+
+def test_streaming_verification_keeps_the_adapter_on_the_cpu_whatever_device_peft_would_pick(
+        tiny_llama, tmp_path, monkeypatch):
+    """PEFT loads adapter tensors onto the GPU whenever one exists; the check must not depend on it (on an H200 the
+    merge failed with 'tensors on cuda:0 and cpu' until the verification named the device)."""
+    import peft.peft_model
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    monkeypatch.setattr(peft.peft_model, "infer_device", lambda: "meta")  # stands in for "cuda" on this machine
+    report = merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="on")
+    assert report.verification["status"] == "passed" and report.verification["mode"] == "streaming"

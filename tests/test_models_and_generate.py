@@ -66,3 +66,15 @@ def test_generate_prints_a_reply_from_a_model_folder_and_an_adapter_folder(tiny_
 def test_generate_without_a_prompt_is_a_usage_error(tiny_llama, capsys):
     assert main(["generate", str(tiny_llama)]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_models_fnsft_loads_run_no_kernels_fetched_from_the_hub(tiny_llama, monkeypatch):
+    """transformers 5 would kernelize every model with Hub code (fatal offline on a GPU); fnsft opts out unless the
+    user sets USE_HUB_KERNELS."""
+    from functionalnetworkssft.generate import load_for_inference
+
+    model, _ = load_for_inference(str(tiny_llama))
+    assert model.use_kernels is False
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    model, _ = load_for_inference(str(tiny_llama))
+    assert model.use_kernels is True

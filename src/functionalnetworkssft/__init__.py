@@ -5,7 +5,14 @@ From Python (imported on first use, so `import functionalnetworkssft` stays ligh
     from functionalnetworkssft import TrainConfig, train, merge_adapter, push
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# transformers 5 kernelizes every model it loads with code fetched from the Hub (kernels-community) unless told not
+# to: on a GPU without network that fails at the first training step, and with network it runs binaries nobody asked
+# for. fnsft runs only the model's own code; USE_HUB_KERNELS=YES in the environment opts back in.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 _API = {"TrainConfig": ("functionalnetworkssft.training.config", "TrainConfig"),
         "train": ("functionalnetworkssft.training.pipeline", "train"),

@@ -468,13 +468,14 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                      dtype=torch.float32)
         tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-        # PEFT moves loaded adapter tensors to the base layer's device, which here is meta: keep them where they load.
+        # PEFT moves loaded adapter tensors to the base layer's device, which here is meta: keep them where they load,
+        # on the CPU (PEFT's own choice is the GPU whenever there is one; the check moves each unit where it runs).
         try:
             # Adapter tensors stay in their stored dtype until their unit runs (autocast would hold all of them in
             # float32 for the whole check).
             with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None):
                 model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, low_cpu_mem_usage=True,
-                                                  autocast_adapter_dtype=False)
+                                                  autocast_adapter_dtype=False, torch_device="cpu")
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise MergeError(f"verification: PEFT cannot load {adapter_dir} onto {base_dir} ({first_line(exc)}); "
                              "nothing was written. Pass --verify off to merge without the check.") from None
