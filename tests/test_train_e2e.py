@@ -66,6 +66,12 @@ def seed_run(tiny_gpt2, tmp_path_factory):
     return work / "models" / "my_chatbot", result
 
 
+def test_a_run_fetches_no_kernel_from_the_hub_and_says_nothing_about_it(seed_run):
+    """PEFT imports bitsandbytes, whose CPU backend looked up a Hub kernel: every run's first stderr line said so."""
+    _, result = seed_run
+    assert "kernels-community" not in result.stderr and "publisher trust" not in result.stderr, result.stderr[:500]
+
+
 def test_seed_full_example_writes_the_documented_layout(seed_run):
     out, _ = seed_run
     top = {p.name for p in out.iterdir()}

@@ -5,14 +5,13 @@ From Python (imported on first use, so `import functionalnetworkssft` stays ligh
     from functionalnetworkssft import TrainConfig, train, merge_adapter, push
 """
 
-import os
+from functionalnetworkssft import hub_code
 
 __version__ = "0.1.0"
 
-# transformers 5 kernelizes every model it loads with code fetched from the Hub (kernels-community) unless told not
-# to: on a GPU without network that fails at the first training step, and with network it runs binaries nobody asked
-# for. fnsft runs only the model's own code; USE_HUB_KERNELS=YES in the environment opts back in.
-os.environ.setdefault("USE_HUB_KERNELS", "NO")
+# transformers and bitsandbytes run kernels fetched from the Hub unless told not to (hub_code.py).
+hub_code.keep_hub_kernels_out()
+hub_code.keep_bitsandbytes_from_the_hub()
 
 _API = {"TrainConfig": ("functionalnetworkssft.training.config", "TrainConfig"),
         "train": ("functionalnetworkssft.training.pipeline", "train"),

@@ -60,8 +60,6 @@ def setup_logging() -> None:
     # Deprecation notices inside transformers/PEFT/TRL are for their maintainers, not for someone training a model.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-    # bitsandbytes tries to fetch an optional CPU kernel from the Hub at import and warns when it cannot.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     ours = logging.getLogger("functionalnetworkssft")
     if not ours.handlers:
         handler = logging.StreamHandler(sys.stderr)
