@@ -15,10 +15,13 @@ Three rules keep a user's files safe, whatever the flags:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -49,10 +52,21 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # Never through a link, never anything but a regular file: a lock file planted as a link to a
+                # file elsewhere would have that file truncated and overwritten with this run's name.
+                flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open(self.path, flags, 0o644)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise FnsftError(f"{self.target}: the lock file {self.path} is a link; fnsft never writes "
+                                     "through one. Remove the link and run again.") from None
                 raise FnsftError(f"{self.target}: cannot create the lock file {self.path.name} "
                                  f"({exc.strerror}); choose a folder you can write.") from None
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1:  # a hard link writes elsewhere just the same
+                os.close(fd)
+                raise FnsftError(f"{self.target}: {self.path} is not a plain file of its own, so it cannot be the lock "
+                                 "file; remove it and run again.")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -63,7 +77,7 @@ class FolderLock:
             # The holder before us may have removed the file between our open and our lock: then we hold a lock on
             # a name nobody else sees, so open it again.
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.lstat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -127,13 +141,18 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name and rename into place: a kill leaves the old file or the new, never half."""
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write under a fresh temporary name and rename into place: a kill leaves the old file or the new, never half,
+    and the rename replaces a link at `path` rather than writing through it (the temporary file is created new, so
+    nothing planted in the folder can redirect it)."""
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        staging.write_text(text, encoding="utf-8")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(staging, 0o644)
         os.replace(staging, path)
     finally:
-        staging.unlink(missing_ok=True)
+        if os.path.lexists(staging):
+            os.unlink(staging)
 
 
 def write_json_atomic(path: Path, value) -> None:
@@ -147,12 +166,15 @@ class OutputFolder:
     path: Path
     # Names (or fnmatch patterns) of the entries this run may create.
     writes: tuple[str, ...]
-    # flag -> local path of each input of the run; none of them may lie inside what the run writes or removes.
-    inputs: dict[str, str] = field(default_factory=dict)
+    # (flag, local path) of each input of the run; none of them may lie inside what the run writes or removes.
+    inputs: list[tuple[str, str]] = field(default_factory=list)
     overwrite: bool = False
     resuming: bool = False
     # False on the other processes of a data-parallel run: they neither check, lock, record nor write here.
     writer: bool = True
+    # Every entry name the command ever writes (whatever its flags); a manifest naming another was not written by
+    # fnsft and is refused, so that no forged record can make the user's files removable.
+    known: re.Pattern | None = None
     _lock: FolderLock | None = None
     _created: bool = False
     _began: bool = False
@@ -172,6 +194,12 @@ class OutputFolder:
             return self._input_problems(set())
         manifest = read_manifest(out)
         recorded = set(manifest["entries"]) if manifest else set()
+        strangers = sorted(name for name in recorded - {MANIFEST, LOCK_NAME}
+                           if self.known is not None and not self.known.fullmatch(name))
+        if strangers:
+            return [f"--output_dir {out}: {MANIFEST} names {', '.join(strangers[:6])}"
+                    f"{' ...' if len(strangers) > 6 else ''}, which fnsft never writes, so fnsft did not write that "
+                    "record; nothing was touched. Remove the file (it only lists outputs) or choose another folder."]
         present = {p.name for p in out.iterdir()}
         found = []
         # Resuming declares the folder's checkpoints part of the run being continued, whoever wrote them.
@@ -198,7 +226,7 @@ class OutputFolder:
             touched += [p for p in self.path.iterdir() if any(fnmatch(p.name, w) for w in self.writes)]
         touched += [self.path / w for w in self.writes if "*" not in w]
         found = []
-        for flag, value in self.inputs.items():
+        for flag, value in self.inputs:
             hit = next((t for t in touched if within(value, t)), None)
             if hit is not None and not (self.resuming and flag == "--resume_from_checkpoint"):
                 found.append(f"{flag} {value} lies inside {hit}, which this run would replace; move it or choose "
@@ -260,11 +288,17 @@ class OutputFolder:
         self._save_manifest("running")
 
     def record(self, name: str) -> Path:
-        """Note `name` as this run's before it is written; returns its path."""
-        if self.writer and name not in self._entries:
-            self._entries.append(name)
-            self._save_manifest("running")
-        return self.path / name
+        """Note `name` as this run's before it is written, and clear whatever stands there (an earlier run's entry,
+        which this write replaces): every write then creates a fresh entry, so none goes through a link, a hard link
+        or a folder's old contents to a file outside. Returns its path."""
+        path = self.path / name
+        if self.writer:
+            if name not in self._entries:
+                self._entries.append(name)
+                self._save_manifest("running")
+            if os.path.lexists(path):
+                _remove(path)
+        return path
 
     def finish(self, status: str = "complete") -> None:
         if not self.writer:

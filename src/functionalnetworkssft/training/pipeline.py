@@ -19,6 +19,7 @@ from functionalnetworkssft.training.after import GGUF_FILE, export_model, merge_
 from functionalnetworkssft.training.config import TrainConfig
 from functionalnetworkssft.training.guard import RunGuard, training_failure
 from functionalnetworkssft.training.preflight import (
+    EVERY_ENTRY,
     announce_resume,
     given_templates,
     inputs,
@@ -55,7 +56,7 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
         problems.append("eval_dataset needs train_dataset (or give the evaluation data in the dataset's validation "
                         "split).")
     folder = OutputFolder(out, writes=writes(cfg), inputs=inputs(cfg), overwrite=cfg.overwrite_output_dir,
-                          resuming=bool(cfg.resume_from_checkpoint), writer=main)
+                          resuming=bool(cfg.resume_from_checkpoint), writer=main, known=EVERY_ENTRY)
     resume: checkpoints.Latest | None = None
     templates = chat_template = None
     if not problems and cfg.chat_template_path:

@@ -3,6 +3,7 @@ overwrite, the template file, and the checkpoint to resume from."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,14 @@ from functionalnetworkssft.outputs import OutputFolder, read_manifest
 from functionalnetworkssft.paths import looks_like_local_path
 from functionalnetworkssft.training.after import GGUF_FILE
 from functionalnetworkssft.training.config import TrainConfig
+
+
+# Every entry any `fnsft train` run may write into its output folder, whatever its flags: a manifest naming anything
+# else was not written by fnsft, and nothing it names may be deleted.
+EVERY_ENTRY = re.compile("|".join([*(re.escape(name) for name in (
+    "final_model", "adapter", "merged_model", "trainer_state.json", "run_config.yaml", "loss.png", "samples.json",
+    "runs", "Modelfile", networks.TEMPLATES_FILE, GGUF_FILE, GGUF_FILE + ".json", GGUF_FILE + ".rejected")),
+    r"checkpoint-\d+"]))
 
 
 def writes(cfg: TrainConfig) -> tuple[str, ...]:
@@ -33,17 +42,18 @@ def writes(cfg: TrainConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
-def inputs(cfg: TrainConfig) -> dict[str, str]:
-    """The local files and folders this run reads; nothing it writes or removes may contain them."""
-    found = {}
+def inputs(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(flag, path) of the local files and folders this run reads; nothing it writes or removes may contain them."""
+    found = []
     for flag, value in (*(("--dataset_name_or_path", source.name) for source in cfg.sources()),
                         ("--eval_dataset_name_or_path", cfg.eval_dataset_name_or_path),
                         ("--model_name_or_path", cfg.model_name_or_path),
                         ("--config", cfg.config_file),
                         ("--chat_template_path", cfg.chat_template_path),
+                        ("--ica_template_path", cfg.ica_template_path),
                         ("--resume_from_checkpoint", cfg.resume_from_checkpoint)):
         if value and value != "latest" and (Path(value).expanduser().exists() or looks_like_local_path(value)):
-            found[flag] = str(Path(value).expanduser())
+            found.append((flag, str(Path(value).expanduser())))
     return found
 
 

@@ -1,0 +1,126 @@
+"""Never write outside the output folder, never through a link: lock files, resumed entries, forged records and
+inputs inside outputs, each tried with what an attacker (or an accident) can plant in the folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import TOY, write_jsonl
+from hostile import cli, one_line
+
+
+def train_args(model, data, out, *extra):
+    return ["train", "--model_name_or_path", model, "--dataset_name_or_path", data, "--output_dir", out,
+            "--max_steps", "1", "--validation_split", "0", *extra]
+
+
+@pytest.fixture
+def victim(tmp_path) -> Path:
+    """A file outside every folder fnsft is given, which nothing may change."""
+    path = tmp_path / "elsewhere" / "precious.txt"
+    path.parent.mkdir()
+    path.write_text("precious")
+    return path
+
+
+def tiny_adapter(base: Path, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("planted", ["symlink", "hardlink"])
+def test_a_planted_train_lock_file_is_refused_and_its_target_untouched(planted, tiny_llama, tmp_path, victim,
+                                                                       capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    if planted == "symlink":
+        (out / ".fnsft.lock").symlink_to(victim)
+    else:
+        os.link(victim, out / ".fnsft.lock")
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:4])
+    code, errors, _ = cli(capsys, *train_args(tiny_llama, data, out))
+    assert code == 1
+    one_line(errors, ".fnsft.lock", "link" if planted == "symlink" else "not a plain file")
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == [".fnsft.lock"]
+
+
+def test_a_planted_merge_lock_link_is_refused_and_its_target_untouched(tiny_llama, tmp_path, victim, capsys):
+    adapter = tiny_adapter(tiny_llama, tmp_path / "adapter")
+    (tmp_path / ".merged.fnsft.lock").symlink_to(victim)
+    code, errors, _ = cli(capsys, "merge", "--adapter_path", adapter, "--base_model_name_or_path", tiny_llama,
+                          "--output_dir", tmp_path / "merged")
+    assert code == 1
+    one_line(errors, ".merged.fnsft.lock", "link")
+    assert victim.read_text() == "precious" and not (tmp_path / "merged").exists()
+
+
+def test_a_planted_export_lock_link_is_refused_and_its_target_untouched(tiny_llama, tmp_path, victim, capsys):
+    (tmp_path / ".model.gguf.fnsft.lock").symlink_to(victim)
+    code, errors, _ = cli(capsys, "export-gguf", tiny_llama, "--outfile", tmp_path / "model.gguf")
+    assert code == 1
+    one_line(errors, ".model.gguf.fnsft.lock", "link")
+    assert victim.read_text() == "precious" and not (tmp_path / "model.gguf").exists()
+
+
+def test_a_forged_manifest_makes_nothing_removable(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / ".git").mkdir(parents=True)
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / "notes.txt").write_text("mine")
+    (out / "fnsft_outputs.json").write_text(json.dumps({"status": "complete",
+                                                        "entries": ["notes.txt", ".git", "final_model"]}))
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:4])
+    code, errors, _ = cli(capsys, *train_args(tiny_llama, data, out, "--overwrite_output_dir"))
+    assert code == 2
+    one_line(errors, "fnsft_outputs.json names .git, notes.txt", "fnsft never writes")
+    assert (out / "notes.txt").read_text() == "mine" and (out / ".git" / "HEAD").is_file()
+
+
+def test_resuming_replaces_planted_links_instead_of_writing_through_them(tiny_llama, tmp_path, victim, capsys):
+    out = tmp_path / "out"
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:8])
+    args = train_args(tiny_llama, data, out, "--use_peft", "--save_steps", "1")
+    assert cli(capsys, *args)[0] == 0
+    outside = tmp_path / "elsewhere" / "model"
+    outside.mkdir()
+    (outside / "adapter_model.safetensors").write_text("precious weights")
+    for name, target in (("run_config.yaml", victim), ("final_model", outside)):
+        path = out / name
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        path.symlink_to(target)
+    code, _, _ = cli(capsys, *args[:args.index("--max_steps") + 1], "2", *args[args.index("--max_steps") + 2:],
+                     "--resume_from_checkpoint", "latest")
+    assert code == 0
+    assert victim.read_text() == "precious"
+    assert (outside / "adapter_model.safetensors").read_text() == "precious weights"
+    assert not (out / "run_config.yaml").is_symlink() and not (out / "final_model").is_symlink()
+    assert (out / "final_model" / "adapter_model.safetensors").stat().st_size > 100
+
+
+def test_overwriting_never_deletes_the_template_file_the_run_was_given(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    template = out / "global_templates.json"
+    template.write_text("{}")
+    (out / "fnsft_outputs.json").write_text(json.dumps({"status": "complete", "entries": ["global_templates.json"]}))
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:4])
+    code, errors, _ = cli(capsys, *train_args(tiny_llama, data, out, "--use_peft", "--overwrite_output_dir",
+                                              "--mask_mode", "lesion", "--ica_template_path", template))
+    assert code == 2
+    assert any(f"--ica_template_path {template} lies inside {template}" in line for line in errors), errors
+    assert template.read_text() == "{}"
