@@ -124,3 +124,36 @@ def test_overwriting_never_deletes_the_template_file_the_run_was_given(tiny_llam
     assert code == 2
     assert any(f"--ica_template_path {template} lies inside {template}" in line for line in errors), errors
     assert template.read_text() == "{}"
+
+
+def test_templates_never_overwrite_their_dataset_or_a_plot_they_did_not_make(tiny_llama, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:8])
+    before = data.read_bytes()
+    code, errors, _ = cli(capsys, "templates", tiny_llama, data, "--ica_components", "2", "--output", data)
+    assert code == 2 and data.read_bytes() == before
+    assert any(f"--datasets {data} lies inside {data}" in line for line in errors), errors
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "coverage.png").write_bytes(b"my own plot")
+    code, errors, _ = cli(capsys, "templates", tiny_llama, data, "--ica_components", "2", "--output",
+                          mine / "net.json")
+    assert code == 2
+    one_line(errors, f"{mine / 'coverage.png'} exists beside it")
+    assert (mine / "coverage.png").read_bytes() == b"my own plot" and not (mine / "net.json").exists()
+
+
+def test_templates_replace_their_own_earlier_output_and_plot_but_never_a_link(tiny_llama, tmp_path, victim,
+                                                                             capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:8])
+    out = tmp_path / "net.json"
+    args = ["templates", tiny_llama, data, "--ica_components", "2", "--samples_per_dataset", "8", "--output", out]
+    assert cli(capsys, *args)[0] == 0
+    first = (tmp_path / "coverage.png").read_bytes()
+    assert cli(capsys, *args, "--seed", "1")[0] == 0  # its own template and plot: replaced
+    assert json.loads(out.read_text())["provenance"] and (tmp_path / "coverage.png").read_bytes()[:8] == first[:8]
+    (tmp_path / "coverage.png").unlink()
+    (tmp_path / "coverage.png").symlink_to(victim)  # a link planted where the plot goes
+    code, errors, _ = cli(capsys, *args)
+    assert code == 2
+    one_line(errors, "coverage.png exists beside it and is not a plot fnsft made")
+    assert victim.read_text() == "precious" and (tmp_path / "coverage.png").is_symlink()

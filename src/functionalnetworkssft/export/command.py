@@ -82,6 +82,10 @@ def _usage_problems(model_dir: Path, outfile: Path, outtype: str) -> list[str]:
     if outfile.is_file() and not _written_by_us(outfile):
         problems.append(f"--outfile {outfile}: exists and was not written by fnsft export-gguf (no {outfile.name}.json "
                         "report beside it); remove it or choose another name.")
+    report = outfile.with_name(outfile.name + ".json")
+    if not outfile.is_file() and os.path.lexists(report) and not _written_by_us(outfile):
+        problems.append(f"--outfile {outfile}: {report} exists and was not written by fnsft export-gguf; move it or "
+                        "choose another name.")
     modelfile = outfile.parent / "Modelfile"
     if modelfile.is_file() and not is_ours(modelfile):
         problems.append(f"--outfile {outfile}: {modelfile} exists and was not written by fnsft export-gguf; move it "

@@ -6,6 +6,7 @@ when no template file is given.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,13 @@ from functionalnetworkssft.networks.collect import TokenReservoir, collect_mlp_o
 from functionalnetworkssft.networks.ica import ICA_MAX_ITER, ICA_TOL, find_networks
 from functionalnetworkssft.networks.layout import decoder_blocks, hidden_size, parse_layers
 from functionalnetworkssft.networks.options import ica_components_arg, ica_percentile_arg, ica_threshold_arg, ica_z_arg
-from functionalnetworkssft.networks.templates import Templates
+from functionalnetworkssft.networks.templates import Templates, read_templates
 
 DEFAULT_SAMPLES = 100
+# The plot of how many channels each component holds, written beside the template file.
+COVERAGE_FILE = "coverage.png"
+# Written into the plot's PNG metadata, so that a later run knows the plot is one it may replace.
+PLOT_MARK = "fnsft templates"
 DEFAULT_MAX_TOKENS = 4096
 
 
@@ -45,7 +50,8 @@ class TemplatesConfig(Options):
                           default=DEFAULT_MAX_TOKENS, positive=True)
     layers: str | None = arg("Decoder layers to capture, e.g. 0:4,9: (default: all).", default=None)
     seed: int = arg("Seed of the sampling, PCA and ICA.", default=0, minimum=0, below=2**32)
-    output: str = arg("Template file to write; coverage.png is written beside it.", default="global_templates.json")
+    output: str = arg("Template file to write; coverage.png is written beside it. Neither replaces a file fnsft did "
+                      "not write, nor any input.", default="global_templates.json")
     trust_remote_code: bool = arg("Allow model code from the Hub to run.", default=False)
 
 
@@ -64,9 +70,10 @@ def main(argv: list[str] | None, prog: str = "fnsft templates") -> None:
     from functionalnetworkssft.outputs import writable_problem
 
     output = Path(cfg.output)
-    problem = writable_problem(output.parent, "--output")
-    if problem:
-        raise UsageError(problem)
+    problems = [problem for problem in (writable_problem(output.parent, "--output"),) if problem]
+    problems += _output_problems(cfg, output)
+    if problems:
+        raise UsageError(problems)
     examples_by_source = [(name, data.load(name, None, 0.0, cfg.seed)) for name in cfg.datasets]
     source = modeling.resolve(cfg.model)
     problem = modeling.remote_code_problem(source, cfg.trust_remote_code)
@@ -84,9 +91,48 @@ def main(argv: list[str] | None, prog: str = "fnsft templates") -> None:
                     "samples_per_dataset": cfg.samples_per_dataset, "max_seq_length": cfg.max_seq_length})
     output.parent.mkdir(parents=True, exist_ok=True)
     templates.write(output)
-    plot_coverage(templates, output.parent / "coverage.png")
+    plot_coverage(templates, output.parent / COVERAGE_FILE)
     print(summary)
-    print(f"Wrote {output} and {output.parent / 'coverage.png'}")
+    print(f"Wrote {output} and {output.parent / COVERAGE_FILE}")
+
+
+def _output_problems(cfg: TemplatesConfig, output: Path) -> list[str]:
+    """What writing the template file and its plot would destroy: an input of this run, or a file that an earlier
+    `fnsft templates` did not write (the plot is replaced only beside a template file it belongs to)."""
+    from functionalnetworkssft.paths import within
+
+    coverage = output.parent / COVERAGE_FILE
+    found = []
+    for flag, value in (("--model", cfg.model), *(("--datasets", d) for d in cfg.datasets)):
+        local = Path(value).expanduser()
+        hit = next((target for target in (output, coverage) if os.path.lexists(local) and within(local, target)), None)
+        if hit is not None:
+            found.append(f"{flag} {value} lies inside {hit}, which this run would write; choose another --output.")
+    if os.path.lexists(output) and not (output.is_file() and _is_template_file(output)):
+        found.append(f"--output {output} exists and is not a template file fnsft wrote; move it or choose another "
+                     "name.")
+    if os.path.lexists(coverage) and not _is_our_plot(coverage):
+        found.append(f"--output {output}: {coverage} exists beside it and is not a plot fnsft made, and this run "
+                     "writes its plot there; move it or write the templates into another folder.")
+    return found
+
+
+def _is_our_plot(path: Path) -> bool:
+    """A coverage plot an earlier `fnsft templates` made: a PNG carrying PLOT_MARK in its text metadata."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8192)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and PLOT_MARK.encode() in head
+
+
+def _is_template_file(path: Path) -> bool:
+    try:
+        read_templates(path, "--output")
+    except UsageError:
+        return False
+    return True
 
 
 def sample_rows(items, count: int, seed: int) -> list:
@@ -179,6 +225,12 @@ def plot_coverage(templates: Templates, path: Path) -> None:
     ax.set_title(f"{templates.name}: channels per component and layer")
     fig.colorbar(image, ax=ax, label="channels")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(staging, dpi=100, metadata={"Software": f"{PLOT_MARK} {__version__}"})
+        os.replace(staging, path)  # replaces a link standing there rather than writing through it
+    finally:
+        if os.path.lexists(staging):
+            os.unlink(staging)
     plt.close(fig)
 
