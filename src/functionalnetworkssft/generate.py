@@ -29,7 +29,7 @@ class SamplingOptions(Options):
 class GenerateConfig(SamplingOptions):
     """Print a model's reply to a prompt as it is generated, chat template applied (greedy unless --temperature > 0)."""
 
-    prompt: str = arg("The user message.", default="")
+    prompt: str | None = arg("The user message (required).", default=None)
 
 
 @dataclass
@@ -51,8 +51,10 @@ def _parse(cls, argv: list[str] | None, prog: str):
 
 def main(argv: list[str] | None, prog: str = "fnsft generate") -> None:
     cfg = _parse(GenerateConfig, argv, prog)
-    if not cfg.prompt:
+    if cfg.prompt is None:
         raise UsageError("--prompt is required: the user message to answer.")
+    if not cfg.prompt.strip():
+        raise UsageError("--prompt is empty; give the user message to answer.")
     model, tokenizer = load_for_inference(cfg.model, cfg.trust_remote_code)
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
         {"role": "user", "content": cfg.prompt}]

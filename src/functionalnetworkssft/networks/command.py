@@ -165,6 +165,9 @@ def build_templates(model, examples: list[list[int]], *, n_components: int, thre
     layers = parse_layers(layers_spec, len(blocks), "--layers")
     chosen = [b for b in blocks if b.index in layers]
     hidden = hidden_size(model)
+    if n_components > hidden * len(chosen):  # ICA cannot find more components than there are channels
+        raise UsageError(f"--ica_components {n_components} is more than the {hidden * len(chosen)} MLP channels "
+                         f"captured ({len(chosen)} layers x {hidden}); ask for at most {hidden * len(chosen)}.")
     reservoir = TokenReservoir(max_tokens, hidden * len(chosen), seed)
     log(f"Collect: MLP outputs of {len(chosen)} layers x {hidden} channels over {len(examples)} examples "
         f"(token budget {max_tokens}: {reservoir.nbytes / 2**20:.0f} MiB)")

@@ -115,11 +115,15 @@ def read_templates(path: str | Path, flag: str = "--ica_template_path") -> Templ
         component = _index(key)
         if component is None or not isinstance(per_layer, dict):
             raise bad(f"component {key!r} must be a whole number mapping layers to channel lists")
+        if component in components:  # "0" and "00": one would silently replace the other
+            raise bad(f"component {component} appears twice (as {key!r} and another spelling)")
         components[component] = {}
         for layer_key, channels in per_layer.items():
             layer = _index(layer_key)
             if layer is None or layer not in layers:
                 raise bad(f"component {key}: layer {layer_key!r} is not among the captured layers")
+            if layer in components[component]:
+                raise bad(f"component {key}: layer {layer} appears twice (as {layer_key!r} and another spelling)")
             if not isinstance(channels, list) or not all((c := _index(ch)) is not None and c < hidden
                                                          for ch in channels):
                 raise bad(f"component {key}, layer {layer_key}: channels must be indices below {hidden}")
@@ -134,6 +138,7 @@ def _index(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value if value >= 0 else None
-    if isinstance(value, str) and value.isdigit():
+    # ASCII digits only: str.isdigit also accepts "²" and "¹", which int() refuses.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
         return int(value)
     return None

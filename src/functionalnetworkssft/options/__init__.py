@@ -12,8 +12,8 @@ are reported together, before any model or dataset is loaded.
 """
 
 from functionalnetworkssft.options.config_file import load_yaml_file, yaml_kind
-from functionalnetworkssft.options.fields import ALIASES, BOUNDS, Options, arg, field_problems
+from functionalnetworkssft.options.fields import ALIASES, BOUNDS, Options, arg, field_problems, type_problems
 from functionalnetworkssft.options.flags import build_parser, parse, string_to_bool
 
 __all__ = ["ALIASES", "BOUNDS", "Options", "arg", "build_parser", "field_problems", "load_yaml_file", "parse",
-           "string_to_bool", "yaml_kind"]
+           "string_to_bool", "type_problems", "yaml_kind"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 # Field metadata keys of the bounds and aliases declared with `arg`; argparse never sees them.
 BOUNDS = "fnsft_bounds"
@@ -39,11 +41,63 @@ class Options:
     FILE_SECTIONS: ClassVar[dict[str, tuple[str, Any]]] = {}
 
 
+def type_problems(cfg: Any) -> list[str]:
+    """Every field whose value is not of its declared type (a config built in Python can hold anything): one line
+    each, naming the flag and what it takes."""
+    hints = typing.get_type_hints(type(cfg))
+    return [f"--{f.name} must be {_describe(hints[f.name])} (got {_shown(getattr(cfg, f.name))})."
+            for f in dataclasses.fields(cfg) if f.init and not _matches(hints[f.name], getattr(cfg, f.name))]
+
+
+def _matches(kind: Any, value: Any) -> bool:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(arg, value) for arg in args)
+    if kind is type(None):
+        return value is None
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in args)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(args[0], item) for item in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        named = [_describe(arg) for arg in args if arg is not type(None)]
+        return " or ".join(named) + (" (or None)" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(str(choice) for choice in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ')} values"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(kind, str(kind))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}..." if len(text) > 60 else text
+
+
 def field_problems(cfg: Any) -> list[str]:
-    """Every field that breaks its declared bounds, is a non-finite number, or holds a NUL byte: one line each."""
-    found: list[str] = []
+    """Every field that is not of its type, breaks its declared bounds, is a non-finite number, or holds a NUL
+    byte: one line each."""
+    found: list[str] = type_problems(cfg)
+    wrong = {line.split(" ", 1)[0] for line in found}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if f"--{f.name}" in wrong:
+            continue
         flag = f"--{f.name}"
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, str) and "\x00" in v for v in values):

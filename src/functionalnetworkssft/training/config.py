@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from functionalnetworkssft.networks.options import ica_components_arg, ica_percentile_arg, ica_threshold_arg, ica_z_arg
-from functionalnetworkssft.options import Options, arg, field_problems, yaml_kind
+from functionalnetworkssft.options import Options, arg, field_problems, type_problems, yaml_kind
 
 # Optimizer names transformers' OptimizerNames holds (a test checks it still does), known without importing it.
 COMMON_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
@@ -304,6 +304,8 @@ class TrainConfig(Options):
     def problems(self) -> list[str]:
         """Every rule this configuration breaks, one line each, naming the flag and the fix."""
         found = field_problems(self)
+        if type_problems(self):
+            return found  # the rules below compare values, which mean nothing in the wrong type
         for name in ("model_name_or_path", "output_dir"):
             if not getattr(self, name).strip():
                 found.append(f"--{name} is empty; give a path or Hub id.")

@@ -47,7 +47,6 @@ def train(config: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainRe
 
 
 def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
-    out = Path(cfg.output_dir)
     # In a data-parallel run (torchrun, accelerate launch) every process trains; only the main one owns the folder.
     main = distributed.is_main()
     in_memory = train_dataset is not None
@@ -55,16 +54,19 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
     if eval_dataset is not None and not in_memory:
         problems.append("eval_dataset needs train_dataset (or give the evaluation data in the dataset's validation "
                         "split).")
+    if problems:  # paths are only worth checking once every flag has a usable value
+        raise UsageError(problems)
+    out = Path(cfg.output_dir)
     folder = OutputFolder(out, writes=writes(cfg), inputs=inputs(cfg), overwrite=cfg.overwrite_output_dir,
                           resuming=bool(cfg.resume_from_checkpoint), writer=main, known=EVERY_ENTRY)
     resume: checkpoints.Latest | None = None
     templates = chat_template = None
-    if not problems and cfg.chat_template_path:
+    if cfg.chat_template_path:
         try:
             chat_template = modeling.read_chat_template(cfg.chat_template_path)
         except UsageError as exc:
             problems += exc.problems
-    if not problems:  # paths are only worth checking once every flag has a usable value
+    if not problems:
         problems += folder.problems()
         templates, template_problems = given_templates(cfg, out)
         problems += template_problems

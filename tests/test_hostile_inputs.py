@@ -1,0 +1,82 @@
+"""Hostile values reach one line naming the flag or file, never "unexpected ...": template files, settings built in
+Python, and values the command line accepts but the data cannot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TOY, write_jsonl
+from functionalnetworkssft.errors import UsageError
+from hostile import cli, one_line
+
+LAYOUT = {"captured_layers_sorted": [0, 1], "hidden_size": 32}
+
+
+@pytest.mark.parametrize("templates, needle", [
+    ({"0": {"²": [1]}}, "layer '²' is not among the captured layers"),
+    ({"¹": {"0": [1]}}, "component '¹' must be a whole number"),
+    ({"0": {"0": ["³"]}}, "channels must be indices below 32"),
+    ({"0": {"0": [1]}, "00": {"1": [2]}}, "component 0 appears twice"),
+    ({"0": {"1": [1], "01": [2]}}, "layer 1 appears twice"),
+])
+def test_template_files_with_lookalike_or_repeated_ids_are_one_line(templates, needle, tmp_path):
+    from functionalnetworkssft.networks.templates import read_templates
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"layout": LAYOUT, "templates": templates}))
+    with pytest.raises(UsageError) as caught:
+        read_templates(path)
+    assert len(caught.value.problems) == 1 and needle in caught.value.problems[0], caught.value.problems
+
+
+def test_a_lookalike_digit_in_a_template_file_is_one_line_from_the_command_line(tiny_llama, tmp_path, capsys):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"layout": LAYOUT, "templates": {"¹": {"0": [1]}}}))
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:4])
+    code, errors, _ = cli(capsys, "train", "--model_name_or_path", tiny_llama, "--dataset_name_or_path", data,
+                          "--output_dir", tmp_path / "out", "--use_peft", "--mask_mode", "lesion",
+                          "--ica_template_path", path)
+    assert code == 2
+    one_line(errors, f"--ica_template_path {path}", "component '¹'")
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"lora_r": "sixteen"}, "--lora_r must be a whole number (got 'sixteen')"),
+    ({"output_dir": 5}, "--output_dir must be text (got 5)"),
+    ({"use_peft": "yes"}, "--use_peft must be true or false (got 'yes')"),
+    ({"learning_rate": "3e-4"}, "--learning_rate must be a number (or None) (got '3e-4')"),
+    ({"torch_dtype": "fp8"}, "--torch_dtype must be one of auto, float32, bfloat16, float16 (got 'fp8')"),
+    ({"lora_target_modules": "q_proj"}, "--lora_target_modules must be a list of text values"),
+])
+def test_the_python_api_raises_usage_error_for_a_setting_of_the_wrong_type(settings, needle, tmp_path):
+    from functionalnetworkssft import TrainConfig, train
+
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:4])
+    values = {"model_name_or_path": "m", "output_dir": str(tmp_path / "out"), "dataset_name_or_path": [str(data)],
+              **settings}
+    with pytest.raises(UsageError) as caught:
+        train(TrainConfig(**values))
+    assert any(needle in line for line in caught.value.problems), caught.value.problems
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_prompt_is_called_empty_and_a_missing_one_required(tiny_llama, capsys):
+    code, errors, _ = cli(capsys, "generate", tiny_llama, "--prompt", "")
+    assert code == 2
+    one_line(errors, "--prompt is empty")
+    code, errors, _ = cli(capsys, "generate", tiny_llama, "--prompt", "  \n ")
+    one_line(errors, "--prompt is empty")
+    code, errors, _ = cli(capsys, "generate", tiny_llama)
+    assert code == 2
+    one_line(errors, "--prompt is required")
+
+
+def test_more_ica_components_than_channels_is_one_line_before_anything_is_collected(tiny_llama, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:4])
+    code, errors, printed = cli(capsys, "templates", tiny_llama, data, "--ica_components", "100", "--output",
+                                tmp_path / "t.json")
+    assert code == 2
+    one_line(errors, "--ica_components 100 is more than the 64 MLP channels captured (2 layers x 32)")
+    assert not (tmp_path / "t.json").exists()
