@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 from functionalnetworkssft.paths import cache_dir
+
+log = logging.getLogger("functionalnetworkssft.data")
+# Written into each entry: the key it was stored under and its row count, checked when it is read back.
+STAMP = "fnsft_entry.json"
 
 
 def cache_key(dataset, tokenizer, max_length: int, train_on_prompt: bool) -> str:
@@ -39,17 +44,69 @@ def cache_key(dataset, tokenizer, max_length: int, train_on_prompt: bool) -> str
     return digest.hexdigest()
 
 
-def read_cache(key: str):
+def read_cache(key: str, rows: int, vocab_size: int, max_length: int):
+    """The entry stored under `key`, if it is what it claims to be: written for this key (a stamp inside the entry
+    says so), one row per example, the schema tokenization writes, token ids inside the vocabulary, masks of 0 and
+    1 as long as their ids, no row longer than `max_length`. Anything else (a damaged, swapped or forged entry) is
+    said in one line, removed, and rebuilt by the caller."""
     import datasets
 
     folder = cache_dir() / "tokenized" / key
-    if not (folder / "dataset_info.json").is_file():
+    if not folder.is_dir():
         return None
     try:
-        # In memory: the filtering that follows must not write cache files into the shared entry.
-        return datasets.load_from_disk(str(folder), keep_in_memory=True)
-    except Exception:  # a damaged entry is rebuilt, never trusted
-        return None
+        stamp = json.loads((folder / STAMP).read_text(encoding="utf-8"))
+        loaded = datasets.load_from_disk(str(folder), keep_in_memory=True)
+    except Exception:  # any reason at all: a cache entry is never trusted when it cannot be read whole
+        why = "cannot be read"
+    else:
+        why = _mismatch(stamp, key, loaded, rows, vocab_size, max_length)
+    if why is None:
+        return loaded
+    log.warning("The tokenization cache entry %s %s; tokenizing again.", key[:12], why)
+    _discard(folder)
+    return None
+
+
+def _mismatch(stamp, key: str, loaded, rows: int, vocab_size: int, max_length: int) -> str | None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(stamp, dict) or stamp.get("key") != key:
+        return "was written for other data or settings"
+    if len(loaded) != rows or stamp.get("rows") != rows:
+        return f"holds {len(loaded)} rows for {rows} examples"
+    table = loaded.with_format("arrow")[:]
+    kinds = {name: table.schema.field(name).type for name in table.column_names}
+
+    def integers(kind) -> bool:
+        return kind is not None and pa.types.is_list(kind) and pa.types.is_integer(kind.value_type)
+
+    if not (integers(kinds.get("input_ids")) and integers(kinds.get("assistant_masks"))
+            and kinds.get("_note") == pa.string()) or set(kinds) - {"input_ids", "assistant_masks", "_note", "_index"}:
+        return "does not have the columns tokenization writes"
+    ids, masks = (pc.list_flatten(table.column(name).combine_chunks()) for name in ("input_ids", "assistant_masks"))
+    lengths = pc.list_value_length(table.column("input_ids").combine_chunks())
+    if len(ids) and (pc.min(ids).as_py() < 0 or pc.max(ids).as_py() >= vocab_size):
+        return f"holds token ids outside the vocabulary of {vocab_size}"
+    if len(masks) and not pc.all(pc.is_in(masks, value_set=pa.array([0, 1], masks.type))).as_py():
+        return "holds loss-mask values other than 0 and 1"
+    if not pc.all(pc.equal(lengths, pc.list_value_length(table.column("assistant_masks").combine_chunks()))).as_py() \
+            or (len(lengths) and pc.max(lengths).as_py() > max_length):
+        return "holds rows whose masks do not match their tokens"
+    return None
+
+
+def _discard(folder: Path) -> None:
+    """Move the entry aside first, so that a run reading it now never sees it half removed."""
+    import shutil
+
+    aside = folder.with_name(f".{folder.name}.discarded-{os.getpid()}")
+    try:
+        os.replace(folder, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_cache(key: str, tokenized) -> None:
@@ -65,6 +122,7 @@ def write_cache(key: str, tokenized) -> None:
         return
     try:
         tokenized.save_to_disk(str(staging))
+        (staging / STAMP).write_text(json.dumps({"key": key, "rows": len(tokenized)}), encoding="utf-8")
         os.replace(staging, target)
     except OSError:
         pass  # another run stored the same entry first, or the disk is full: either way nothing to do

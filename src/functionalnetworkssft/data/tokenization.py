@@ -264,7 +264,7 @@ def tokenize(raw: RawData, tokenizer, max_length: int, train_on_prompt: bool, nu
         if dataset is None:
             return None
         key = cache_key(dataset, tokenizer, max_length, train_on_prompt) if cache else None
-        tokenized = read_cache(key) if key else None
+        tokenized = read_cache(key, len(dataset), len(tokenizer), max_length) if key else None
         if tokenized is not None:
             log.info("%s: %s data tokenized earlier, read from the cache (%s).", raw.source, split, key[:12])
         else:
