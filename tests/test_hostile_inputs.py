@@ -3,11 +3,14 @@ Python, and values the command line accepts but the data cannot."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 
 from conftest import TOY, write_jsonl
+from functionalnetworkssft.cli import main
 from functionalnetworkssft.errors import UsageError
 from hostile import cli, one_line
 
@@ -80,3 +83,42 @@ def test_more_ica_components_than_channels_is_one_line_before_anything_is_collec
     assert code == 2
     one_line(errors, "--ica_components 100 is more than the 64 MLP channels captured (2 layers x 32)")
     assert not (tmp_path / "t.json").exists()
+
+
+class _Stdin:
+    """stdin as a terminal program sees it: text on top, the raw bytes underneath."""
+
+    def __init__(self, raw: bytes):
+        self.buffer = io.BytesIO(raw)
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_chat_refuses_lines_that_are_not_text_or_too_long_and_keeps_going(tiny_llama, monkeypatch, capsys):
+    from functionalnetworkssft import generate
+
+    seen = []
+    real = generate.reply
+
+    def recording_reply(model, tokenizer, messages, *args, **kwargs):
+        seen.append([m["content"] for m in messages])
+        return real(model, tokenizer, messages, 2)
+
+    monkeypatch.setattr(generate, "reply", recording_reply)
+    huge = ("word " * 200_000).encode()  # 1 MB on one line, for a model that reads 256 positions
+    monkeypatch.setattr(sys, "stdin", _Stdin(b"\xff\xfe broken\nnul\x00here\n" + huge + b"\nHello\n"))
+    assert main(["chat", str(tiny_llama), "--max_new_tokens", "2"]) == 0
+    said = capsys.readouterr().err
+    assert "(that line is not UTF-8 text; nothing was sent)" in said
+    assert "(that line holds a NUL character; nothing was sent)" in said
+    assert "tokens long and the model reads at most 256; shorten it.)" in said
+    assert seen[-1] == ["Hello"]  # the refused lines never joined the conversation
+
+
+def test_a_reply_never_runs_past_the_model_context(tiny_llama, capsys):
+    assert main(["generate", str(tiny_llama), "--prompt", "Hi", "--max_new_tokens", "1000000000000"]) == 0
+    assert "(the reply is capped at" in capsys.readouterr().err
+    code, errors, _ = cli(capsys, "generate", tiny_llama, "--prompt", "word " * 2000)
+    assert code == 2
+    one_line(errors, "tokens long and the model reads at most 256")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from functionalnetworkssft import data, modeling
-from functionalnetworkssft.options import Options, arg, field_problems, parse
 from functionalnetworkssft.errors import FnsftError, UsageError
+from functionalnetworkssft.options import Options, arg, field_problems, parse
 from functionalnetworkssft.weights import DamagedFile, adapter_weights_file, load_tensors, read_adapter_config
 
 
@@ -62,29 +63,43 @@ def main(argv: list[str] | None, prog: str = "fnsft generate") -> None:
 
 
 def chat(argv: list[str] | None, prog: str = "fnsft chat") -> None:
-    import sys
-
     cfg = _parse(ChatConfig, argv, prog)
     model, tokenizer = load_for_inference(cfg.model, cfg.trust_remote_code)
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
     interactive = sys.stdin.isatty()
+    # Bytes, decoded here: a line that is not UTF-8 is refused on its own instead of ending the chat.
+    source = getattr(sys.stdin, "buffer", sys.stdin)
     print(f"Chatting with {cfg.model}; /reset starts over, /exit quits.", file=sys.stderr)
     while True:
         if interactive:
             print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        line = source.readline()
+        if not line:
             break
-        text = line.strip()
+        try:
+            text = (line.decode("utf-8") if isinstance(line, bytes) else line).strip()
+        except UnicodeDecodeError:
+            print("(that line is not UTF-8 text; nothing was sent)", file=sys.stderr)
+            continue
+        if text == "/exit":
+            break
         if not text:
+            continue
+        if "\x00" in text:
+            print("(that line holds a NUL character; nothing was sent)", file=sys.stderr)
             continue
         if text == "/reset":
             messages = list(start)
             print("(conversation cleared)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
-        answer = reply(model, tokenizer, messages, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stream=True)
+        try:
+            answer = reply(model, tokenizer, messages, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stream=True)
+        except UsageError as exc:  # too long for the model: say so and keep the conversation as it was
+            messages.pop()
+            print(f"({exc}{' /reset starts over.' if len(messages) > len(start) else ''})", file=sys.stderr)
+            continue
         messages.append({"role": "assistant", "content": answer})
 
 
@@ -128,6 +143,17 @@ def _refuse_remote_code(source: modeling.ModelSource, trust_remote_code: bool) -
         raise UsageError(problem)
 
 
+def context_length(model) -> int | None:
+    """The most tokens the model can read (prompt and reply together), as its config declares it."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, temperature: float = 0.0,
           top_p: float = 1.0, stream: bool = False) -> str:
     """The model's reply to a conversation (chat template applied); with `stream`, printed as it is generated."""
@@ -135,6 +161,15 @@ def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int,
     from transformers import TextStreamer
 
     ids = data.render_prompt_ids(tokenizer, messages)
+    limit = context_length(model)
+    if limit is not None and len(ids) >= limit:
+        raise UsageError(f"the conversation is {len(ids)} tokens long and the model reads at most {limit}; shorten "
+                         "it.")
+    if limit is not None and len(ids) + max_new_tokens > limit:
+        # Past its context the model has no positions left: generating on would fail or run unbounded.
+        max_new_tokens = limit - len(ids)
+        print(f"(the reply is capped at {max_new_tokens} new tokens: the model reads at most {limit} tokens)",
+              file=sys.stderr)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from functionalnetworkssft import __version__
-from functionalnetworkssft.options import Options, arg, field_problems, parse
 from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error
 from functionalnetworkssft.export.arch import UnsupportedModel
 from functionalnetworkssft.export.modelfile import is_ours, write_modelfile
 from functionalnetworkssft.export.write import OUTTYPES, write_gguf
+from functionalnetworkssft.options import Options, arg, field_problems, parse
 from functionalnetworkssft.outputs import FolderLock, writable_problem
 
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft.records import MERGE_REPORT, TRAINING_RECORD
 from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.hub.auth import REPO_PART
 from functionalnetworkssft.hub.http import PREFLIGHT_TIMEOUT_S
+from functionalnetworkssft.records import MERGE_REPORT, TRAINING_RECORD
 from functionalnetworkssft.weights import ADAPTER_WEIGHTS
 
 PUBLIC_ENDPOINT = "https://huggingface.co"

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft.records import MERGE_REPORT, TRAINING_RECORD
 from functionalnetworkssft.errors import FnsftError
 from functionalnetworkssft.hub.card import LOCAL_FILE_SUFFIXES, is_hub_id, read_json
 from functionalnetworkssft.paths import within
+from functionalnetworkssft.records import MERGE_REPORT, TRAINING_RECORD
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
-from functionalnetworkssft.records import MERGE_REPORT
 from functionalnetworkssft.errors import FnsftError
 from functionalnetworkssft.hub.auth import token_source
 from functionalnetworkssft.hub.card import (
@@ -34,6 +33,7 @@ from functionalnetworkssft.hub.http import (
 )
 from functionalnetworkssft.hub.http import retry_base_delay as default_retry_delay
 from functionalnetworkssft.hub.publish import files_to_upload, refuse_secret
+from functionalnetworkssft.records import MERGE_REPORT
 
 logger = logging.getLogger(__name__)
 

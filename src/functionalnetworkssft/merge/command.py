@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from functionalnetworkssft.options import Options, arg, field_problems, parse
-from functionalnetworkssft.records import TRAINING_RECORD
 from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.merge.architecture import declares_quantization
 from functionalnetworkssft.merge.inputs import hash_inputs_ahead
+from functionalnetworkssft.options import Options, arg, field_problems, parse
+from functionalnetworkssft.records import TRAINING_RECORD
 
 
 @dataclass

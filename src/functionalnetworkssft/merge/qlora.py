@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from functionalnetworkssft.records import TRAINING_RECORD
 from functionalnetworkssft.errors import MergeError
 from functionalnetworkssft.merge.adapter import ADAPTER_PREFIX
 from functionalnetworkssft.merge.architecture import Layer
+from functionalnetworkssft.records import TRAINING_RECORD
 
 
 @dataclass

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from functionalnetworkssft.records import MERGE_REPORT, TRAINING_RECORD
 from functionalnetworkssft.errors import FnsftError, MergeError, UsageError, describe_write_error
 from functionalnetworkssft.merge.adapter import Adapter, read_adapter, read_adapter_config, resolve_targets
 from functionalnetworkssft.merge.architecture import architecture, declares_quantization
@@ -28,6 +27,7 @@ from functionalnetworkssft.merge.report import MergeReport
 from functionalnetworkssft.merge.write import DTYPES, move_into_place, write_merged
 from functionalnetworkssft.outputs import FolderLock
 from functionalnetworkssft.paths import missing_local, within
+from functionalnetworkssft.records import MERGE_REPORT, TRAINING_RECORD
 from functionalnetworkssft.weights import model_folder_problem
 
 # Seconds a thread may hold the GIL while another waits, during the write beside the reference model's build.

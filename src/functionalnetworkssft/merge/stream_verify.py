@@ -25,9 +25,9 @@ from unittest import mock
 
 import torch
 
+from functionalnetworkssft.errors import MergeError, first_line
 from functionalnetworkssft.merge.io import BLOCK_ELEMENTS, BaseWeights, SafetensorsShard
 from functionalnetworkssft.merge.plan import _resolve
-from functionalnetworkssft.errors import MergeError, first_line
 from functionalnetworkssft.merge.verify import RELATIVE_TOLERANCE
 from functionalnetworkssft.verification import compare_logits, probe_inputs, quiet
 

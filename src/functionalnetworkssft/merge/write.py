@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from functionalnetworkssft.records import MERGE_REPORT
 from functionalnetworkssft.merge.adapter import Adapter
 from functionalnetworkssft.merge.io import BaseWeights, PlannedTensor, TensorInfo, plan_shards, write_shards
 from functionalnetworkssft.merge.plan import Plan, compute_blocks
 from functionalnetworkssft.merge.report import MergeReport
+from functionalnetworkssft.records import MERGE_REPORT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

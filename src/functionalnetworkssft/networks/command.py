@@ -15,13 +15,13 @@ from typing import Literal
 import numpy as np
 
 from functionalnetworkssft import __version__
-from functionalnetworkssft.options import Options, arg, field_problems, parse
 from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.networks.collect import TokenReservoir, collect_mlp_outputs
 from functionalnetworkssft.networks.ica import ICA_MAX_ITER, ICA_TOL, find_networks
 from functionalnetworkssft.networks.layout import decoder_blocks, hidden_size, parse_layers
 from functionalnetworkssft.networks.options import ica_components_arg, ica_percentile_arg, ica_threshold_arg, ica_z_arg
 from functionalnetworkssft.networks.templates import Templates, read_templates
+from functionalnetworkssft.options import Options, arg, field_problems, parse
 
 DEFAULT_SAMPLES = 100
 # The plot of how many channels each component holds, written beside the template file.
