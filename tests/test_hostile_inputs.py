@@ -122,3 +122,63 @@ def test_a_reply_never_runs_past_the_model_context(tiny_llama, capsys):
     code, errors, _ = cli(capsys, "generate", tiny_llama, "--prompt", "word " * 2000)
     assert code == 2
     one_line(errors, "tokens long and the model reads at most 256")
+
+
+def test_trainer_entries_that_fnsft_sets_or_derives_are_refused_naming_the_flag(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: m\ndataset_name_or_path: d.jsonl\noutput_dir: o\ntrainer:\n"
+                      "  chat_template_path: other.jinja\n  assistant_only_loss: false\n  dataset_text_field: body\n"
+                      "  truncation_mode: keep_end\n  loss_type: nll\n")
+    code, errors, _ = cli(capsys, "train", "--config", config)
+    assert code == 2
+    assert [line.split("error: ", 1)[1] for line in errors] == [
+        "trainer: chat_template_path is set by fnsft; use its flag (--chat_template_path) or leave it out.",
+        "trainer: assistant_only_loss is set by fnsft; use its flag (--train_on_prompt) or leave it out.",
+        "trainer: dataset_text_field is set by fnsft; use its flag (--dataset_text_field) or leave it out.",
+        "trainer: truncation_mode is set by fnsft; fnsft decides it; leave it out."]
+
+
+def test_every_field_fnsft_passes_to_sftconfig_is_refused_in_trainer():
+    import ast
+    import inspect
+
+    from functionalnetworkssft.training import trainer
+    from functionalnetworkssft.training.config import MANAGED_TRAINER_FIELDS
+
+    tree = ast.parse(inspect.getsource(trainer.sft_config))
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") ==
+                "SFTConfig")
+    passed = {keyword.arg for keyword in call.keywords if keyword.arg}
+    assert passed and passed <= set(MANAGED_TRAINER_FIELDS), passed - set(MANAGED_TRAINER_FIELDS)
+
+
+def test_asking_a_dataset_for_more_samples_than_it_has_is_refused_naming_both_counts(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:12] if len(TOY) >= 12 else (TOY * 12)[:12])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: ./never-loaded\noutput_dir: {tmp_path / 'out'}\ndatasets:\n"
+                      f"  - path: {data}\n    samples: 100\n")
+    code, errors, printed = cli(capsys, "train", "--config", config)
+    assert code == 2
+    one_line(errors, f"datasets: {data} asks for 100 samples, but its split 'train' has 12 examples")
+    assert "Data:" not in printed and not (tmp_path / "out").exists()
+
+
+def test_an_export_under_a_file_size_limit_is_one_line_and_leaves_no_file(tiny_llama, tmp_path):
+    import resource
+
+    from hostile import error_lines, no_traceback, run_fnsft
+
+    limit = 50_000  # the f32 GGUF of the tiny model is larger: ulimit -f stops the write
+    result = run_fnsft("export-gguf", tiny_llama, "--outfile", tmp_path / "model.gguf", "--outtype", "f32",
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert result.returncode == 1
+    no_traceback(result.stderr)
+    one_line(error_lines(result.stderr), f"a file size limit was reached (ulimit -f allows {limit} bytes per file)")
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_an_outfile_name_the_modelfile_cannot_hold_is_refused(tiny_llama, tmp_path, capsys):
+    code, errors, _ = cli(capsys, "export-gguf", tiny_llama, "--outfile", tmp_path / "evil\nADAPTER x.gguf")
+    assert code == 2
+    one_line(errors, "the name holds a line break or control character")
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 
 
 def first_line(exc: BaseException) -> str:
@@ -60,5 +61,18 @@ def describe_write_error(exc: BaseException) -> str | None:
                               ("file write failed", "the write failed (is the disk full?); free space")):
             if needle in text:
                 return cause
+        if re.search(r"\d+ requested and \d+ written", text):  # numpy's tofile: a short write, and no errno
+            return _short_write_cause()
         current = current.__cause__ or current.__context__
     return None
+
+
+def _short_write_cause() -> str:
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return (f"a file size limit was reached (ulimit -f allows {limit} bytes per file); raise the limit or free "
+                "space")
+    return "the write stopped short (is the disk full?); free space"
+

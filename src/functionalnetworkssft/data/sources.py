@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from functionalnetworkssft.data.formats import KNOWN_COLUMNS, normalise_source
-from functionalnetworkssft.errors import DataError, first_line
+from functionalnetworkssft.errors import DataError, UsageError, first_line
 from functionalnetworkssft.paths import missing_local
 
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -60,6 +60,10 @@ def load_sources(sources: list[Source], eval_source: Source | None, validation_s
         if key not in splits:
             raise DataError(f"{source.name}: no split '{key}' (it has {', '.join(splits)}); choose one with "
                             "--dataset_split.")
+        if source.samples is not None and source.samples >= 1 and int(source.samples) > len(splits[key]):
+            raise UsageError(f"datasets: {source.name} asks for {int(source.samples)} samples, but its split "
+                             f"'{key}' has {len(splits[key])} examples; give at most {len(splits[key])}, or a fraction "
+                             "below 1.")
         train = _subsample(splits[key], source.samples, seed)
         train, fmt = normalise_source(train, source.name, "training", text_field, key)
         trains.append(train)

@@ -90,7 +90,10 @@ def _usage_problems(model_dir: Path, outfile: Path, outtype: str) -> list[str]:
     if modelfile.is_file() and not is_ours(modelfile):
         problems.append(f"--outfile {outfile}: {modelfile} exists and was not written by fnsft export-gguf; move it "
                         "or export into another folder.")
-    if outfile.suffix != ".gguf":
+    if any(ord(char) < 32 or ord(char) == 127 for char in outfile.name):
+        problems.append(f"--outfile {outfile!r}: the name holds a line break or control character, which the "
+                        "Modelfile beside it cannot hold (each of its lines is one instruction); rename it.")
+    elif outfile.suffix != ".gguf":
         problems.append(f"--outfile {outfile}: name it FILE.gguf.")
     elif outfile.is_dir():
         problems.append(f"--outfile {outfile}: is a folder; name a file.")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from functionalnetworkssft.outputs import write_text_atomic
+
 CHATML = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
           ["<|im_start|>", "<|im_end|>"])
 LLAMA3 = ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n'
@@ -66,7 +68,5 @@ def write_modelfile(path: Path, gguf_name: str, chat_template: str | None) -> st
         lines += [f"# Chat template: {name} (converted from the model's Jinja template).",
                   f'TEMPLATE """{template}"""', ""] + [f'PARAMETER stop "{stop}"' for stop in stops]
         result = name
-    staging = path.with_name(f".{path.name}.partial")
-    staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    staging.replace(path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return result

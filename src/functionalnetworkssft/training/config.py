@@ -31,15 +31,26 @@ TRACKERS = {"azure_ml": "azureml", "comet_ml": "comet_ml", "mlflow": "mlflow", "
             "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "codecarbon": "codecarbon",
             "clearml": "clearml", "dagshub": "dagshub", "flyte": "flytekit", "dvclive": "dvclive",
             "swanlab": "swanlab", "kubeflow": "kubeflow"}
-# SFTConfig fields fnsft sets from its own flags or manages itself: a `trainer:` mapping may not set them.
-MANAGED_TRAINER_FIELDS = frozenset({
-    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-    "gradient_accumulation_steps", "activation_checkpointing", "gradient_checkpointing", "learning_rate",
-    "warmup_steps", "warmup_ratio", "logging_steps", "save_strategy", "save_steps", "save_total_limit",
-    "eval_strategy", "eval_steps", "report_to", "seed", "data_seed", "bf16", "fp16", "max_length", "padding_free",
-    "packing", "train_sampling_strategy", "use_liger_kernel", "use_cpu", "lr_scheduler_type", "weight_decay",
-    "optim", "max_grad_norm", "adam_beta1", "adam_beta2", "load_best_model_at_end", "dataloader_num_workers",
-    "neftune_noise_alpha", "push_to_hub", "hub_model_id", "hub_token", "resume_from_checkpoint"})
+# SFTConfig fields fnsft sets from its own flags, or derives itself, each with the flag that sets it (None: fnsft
+# decides it, with no flag). A `trainer:` mapping may set none of them: the run would silently use one value while
+# fnsft's records and saved model said another. tests/test_ecosystem.py checks that every field `sft_config` passes
+# is here.
+MANAGED_TRAINER_FIELDS: dict[str, str | None] = {
+    **{name: name for name in (
+        "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+        "gradient_accumulation_steps", "gradient_checkpointing", "learning_rate", "warmup_ratio", "logging_steps",
+        "save_strategy", "save_steps", "save_total_limit", "eval_strategy", "eval_steps", "report_to", "seed", "bf16",
+        "fp16", "padding_free", "packing", "use_liger_kernel", "lr_scheduler_type", "weight_decay", "optim",
+        "max_grad_norm", "adam_beta1", "adam_beta2", "load_best_model_at_end", "dataloader_num_workers",
+        "neftune_noise_alpha", "push_to_hub", "hub_token", "resume_from_checkpoint", "chat_template_path",
+        "dataset_text_field", "dataset_num_proc", "trust_remote_code")},
+    "activation_checkpointing": "gradient_checkpointing", "warmup_steps": "warmup_ratio",
+    "max_length": "max_seq_length", "train_sampling_strategy": "group_by_length", "hub_model_id": "hub_repo_id",
+    "assistant_only_loss": "train_on_prompt", "completion_only_loss": "train_on_prompt",
+    "model_init_kwargs": "torch_dtype", "data_seed": "seed",
+    # Decided by fnsft, which tokenizes the data itself and runs where it finds itself.
+    **dict.fromkeys(("use_cpu", "dataloader_pin_memory", "ddp_find_unused_parameters", "logging_first_step",
+                     "packing_strategy", "dataset_kwargs", "eos_token", "pad_token", "truncation_mode"))}
 
 
 def _read_dataset_entries(value: Any) -> list[Any]:
@@ -396,7 +407,9 @@ class TrainConfig(Options):
             known = {f.name for f in dataclasses.fields(SFTConfig)}
             for key in self.trainer_overrides:
                 if key in MANAGED_TRAINER_FIELDS:
-                    found.append(f"trainer: {key} is set by fnsft; use its flag (--{key}) or leave it out.")
+                    flag = MANAGED_TRAINER_FIELDS[key]
+                    found.append(f"trainer: {key} is set by fnsft; " + (
+                        f"use its flag (--{flag}) or leave it out." if flag else "fnsft decides it; leave it out."))
                 elif key not in known:
                     close = difflib.get_close_matches(key, sorted(known), n=1)
                     found.append(f"trainer: unknown SFTConfig field '{key}'"
