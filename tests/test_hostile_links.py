@@ -157,3 +157,35 @@ def test_templates_replace_their_own_earlier_output_and_plot_but_never_a_link(ti
     assert code == 2
     one_line(errors, "coverage.png exists beside it and is not a plot fnsft made")
     assert victim.read_text() == "precious" and (tmp_path / "coverage.png").is_symlink()
+
+
+class _Payload:
+    """What an attacker saves in a checkpoint's torch archive: unpickling it runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("archive", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_checkpoint_archive_that_would_run_code_is_refused_before_anything_loads(archive, tiny_llama, tmp_path,
+                                                                                    capsys):
+    import torch
+
+    out = tmp_path / "out"
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:8])
+    args = train_args(tiny_llama, data, out, "--use_peft", "--save_steps", "1")
+    assert cli(capsys, *args)[0] == 0
+    marker = tmp_path / "pwned"
+    target = out / "checkpoint-1" / archive
+    torch.save({"state": _Payload(marker)}, target)
+    stamp = out / "checkpoint-1" / "fnsft_checkpoint.json"  # an attacker rewrites the record of sizes too
+    record = json.loads(stamp.read_text())
+    record["files"][archive] = target.stat().st_size
+    stamp.write_text(json.dumps(record))
+    code, errors, printed = cli(capsys, *args, "--resume_from_checkpoint", "latest")
+    assert code == 2
+    one_line(errors, f"checkpoint-1/{archive} is not plain saved state")
+    assert not marker.exists() and "Data:" not in printed

@@ -167,6 +167,30 @@ def _saved_settings(folder: Path) -> dict[str, Any]:
     return saved
 
 
+def code_problems(folder: Path) -> list[str]:
+    """The torch archives of `folder` that would run code when the Trainer loads them: each is opened now, as the
+    Trainer will (torch.load with weights_only, numpy's arrays allowed, memory-mapped so nothing large is read), so
+    that a payload is refused in one line before anything loads, not as an error after training has started."""
+    present = [folder / name for name in ARCHIVES if (folder / name).is_file()]
+    if not present:
+        return []
+    import numpy as np
+    import torch
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed it
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    found = []
+    for path in present:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # whatever the unpickler refuses, the Trainer would refuse mid-run
+            found.append(f"--resume_from_checkpoint: {folder.name}/{path.name} is not plain saved state: loading it "
+                         f"would run code or fails ({type(exc).__name__}); it was not loaded. Resume from another "
+                         "checkpoint, or start a new run.")
+    return found
+
+
 def _normal(value: Any) -> Any:
     return sorted(value) if isinstance(value, list) else value
 

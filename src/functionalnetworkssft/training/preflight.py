@@ -110,7 +110,8 @@ def resume_checkpoint(cfg: TrainConfig, out: Path, templates: networks.Templates
             return [f"--resume_from_checkpoint {given}: not a complete Trainer checkpoint ({reason}); give another "
                     "checkpoint-N folder or 'latest'."], None
         found = checkpoints.Latest(path, [])
-    return checkpoints.settings_problems(found.path, shape_settings(cfg, templates)), found
+    return (checkpoints.settings_problems(found.path, shape_settings(cfg, templates))
+            + checkpoints.code_problems(found.path)), found
 
 
 def announce_resume(found: checkpoints.Latest, folder: OutputFolder, main: bool) -> str:
