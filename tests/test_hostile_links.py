@@ -189,3 +189,22 @@ def test_a_checkpoint_archive_that_would_run_code_is_refused_before_anything_loa
     assert code == 2
     one_line(errors, f"checkpoint-1/{archive} is not plain saved state")
     assert not marker.exists() and "Data:" not in printed
+
+
+def test_resuming_from_the_last_checkpoint_trains_nothing_and_goes_on_to_the_merge(tiny_llama, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    data = write_jsonl(tmp_path / "data.jsonl", TOY[:8])
+    args = [*train_args(tiny_llama, data, out, "--use_peft", "--save_steps", "1")]
+    args[args.index("--max_steps") + 1] = "2"
+    assert cli(capsys, *args)[0] == 0
+    last = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    code, errors, printed = cli(capsys, *args, "--merge_adapter_with_base", "--resume_from_checkpoint", "latest")
+    assert code == 0, errors
+    assert "Nothing left to train: checkpoint-2 is the run's last step (2)." in printed
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    final = load_file(out / "final_model" / "adapter_model.safetensors")
+    assert final.keys() == last.keys() and all((final[k] == last[k]).all() for k in final)
+    assert (out / "merged_model" / "config.json").is_file()

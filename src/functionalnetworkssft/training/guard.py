@@ -17,6 +17,14 @@ class Diverged(FnsftError):
     """A trained weight became NaN or infinite."""
 
 
+class AlreadyTrained(Exception):
+    """The checkpoint resumed from is the run's last step: nothing is left to train."""
+
+    def __init__(self, step: int):
+        super().__init__(f"step {step}")
+        self.step = step
+
+
 class RunGuard(TrainerCallback):
     """Keeps the output folder's record, marks each checkpoint complete once saved, and stops a run whose trained
     weights stop being finite before such weights can be saved."""
@@ -32,6 +40,12 @@ class RunGuard(TrainerCallback):
         if control.should_save and state.is_world_process_zero:
             self.saving = f"checkpoint-{state.global_step}"
             self.folder.record(self.saving)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Resumed at or past the last step, the Trainer would still run one more (it checks only after a step) and
+        # save a checkpoint past --max_steps. The checkpoint's weights are loaded by now: stop before any step.
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise AlreadyTrained(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._before_save(state, control)
@@ -74,6 +88,15 @@ class RunGuard(TrainerCallback):
 def newest_checkpoint(out: Path) -> str | None:
     found = checkpoints.latest(out).path
     return found.name if found is not None else None
+
+
+def train_steps(trainer, resume_path: str | None) -> dict[str, float]:
+    """trainer.train, from the checkpoint if given; its metrics (none when the checkpoint ended the run)."""
+    try:
+        return dict(trainer.train(resume_from_checkpoint=resume_path).metrics)
+    except AlreadyTrained as done:
+        print(f"Nothing left to train: {Path(resume_path).name} is the run's last step ({done.step}).")
+        return {}
 
 
 def training_failure(exc: BaseException, guard: RunGuard, out: Path) -> BaseException:

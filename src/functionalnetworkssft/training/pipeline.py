@@ -17,7 +17,7 @@ from functionalnetworkssft.errors import UsageError, first_line
 from functionalnetworkssft.outputs import OutputFolder
 from functionalnetworkssft.training.after import GGUF_FILE, export_model, merge_model
 from functionalnetworkssft.training.config import TrainConfig
-from functionalnetworkssft.training.guard import RunGuard, training_failure
+from functionalnetworkssft.training.guard import RunGuard, train_steps, training_failure
 from functionalnetworkssft.training.preflight import (
     EVERY_ENTRY,
     announce_resume,
@@ -123,7 +123,7 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
             if network is not None and network.built and main:
                 network.templates.write(folder.record(networks.TEMPLATES_FILE))
             resume_path = announce_resume(resume, folder, main) if resume is not None else None
-            metrics = dict(trainer.train(resume_from_checkpoint=resume_path).metrics)
+            metrics = train_steps(trainer, resume_path)
             if eval_set is not None:
                 metrics.update(trainer.evaluate())
             if network is not None:
