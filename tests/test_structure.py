@@ -12,7 +12,7 @@ PACKAGE = Path(functionalnetworkssft.__file__).parent
 ROOT = "functionalnetworkssft"
 # The ground floor: what every stage may use and which uses no stage.
 FOUNDATION = {"errors", "paths", "records", "options", "weights", "outputs", "checkpoints", "distributed",
-              "verification", "hub_code"}
+              "verification", "hub_code", "chat_rendering"}
 # The command line sits on top: only the entry points import it.
 TOP = {"cli", "fnsft_trainer", "__main__"}
 # Modules over the size limit that still hold one idea, and why.

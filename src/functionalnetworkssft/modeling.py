@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from functionalnetworkssft import chat_rendering
 from functionalnetworkssft.errors import FnsftError, describe_write_error, first_line
 from functionalnetworkssft.paths import cache_dir, missing_local
 from functionalnetworkssft.weights import model_folder_problem
@@ -205,8 +206,10 @@ def read_chat_template(path: str, flag: str = "--chat_template_path") -> str:
     return template
 
 
-def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, chat_template: str | None = None):
-    """The base tokenizer, with a pad token guaranteed (EOS when it has none, as GPT-2 and DialoGPT need)."""
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, chat_template: str | None = None,
+                   template_origin: str | None = None):
+    """The base tokenizer, with a pad token guaranteed (EOS when it has none, as GPT-2 and DialoGPT need), and
+    `chat_template` in place of its own (`template_origin` says where it came from, for messages about it)."""
     from transformers import AutoTokenizer
 
     try:
@@ -222,6 +225,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, chat_te
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+        setattr(tokenizer, chat_rendering.ORIGIN, template_origin)
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from functionalnetworkssft.chat_rendering import bounded
+
 PROBE_TEXTS = ("The capital of France is", "def fibonacci(n):\n    ", "1, 2, 3, 4, 5,")
 CHAT_PROBE = [{"role": "user", "content": "Say hello in three words."}]
 GREEDY_TOKENS = 8
@@ -30,7 +32,7 @@ def probe_inputs(model_dir: Path, vocab: int) -> list[list[int]]:
             if ids:
                 probes.append([i for i in ids if i < vocab] or [0])
         if getattr(tokenizer, "chat_template", None):
-            with quiet():
+            with quiet(), bounded(tokenizer):
                 ids = tokenizer.apply_chat_template(CHAT_PROBE, add_generation_prompt=True, tokenize=True)
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]

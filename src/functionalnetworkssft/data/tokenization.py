@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from functionalnetworkssft.chat_rendering import TemplateProblem, bounded, check_size
 from functionalnetworkssft.data.cache import cache_key, read_cache, write_cache
 from functionalnetworkssft.data.formats import chat_messages
 from functionalnetworkssft.data.report import (
@@ -40,7 +41,11 @@ def render_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation ready for the assistant's next reply, as at inference."""
     if has_chat_template(tokenizer):
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            with bounded(tokenizer):
+                text = check_size(tokenizer, [tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                            add_generation_prompt=True)])[0]
+        except TemplateProblem:
+            raise
         except Exception as exc:  # a template that does not compile, or raises on these messages
             raise DataError(f"the model's chat template cannot render this conversation: {first_line(exc)}; fix "
                             "the template (chat_template.jinja) or the messages.") from None
@@ -53,7 +58,9 @@ def render_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 def _render(tokenizer, messages: list[dict[str, Any]], tools: list | None = None, **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+    with bounded(tokenizer):
+        return check_size(tokenizer, [tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                                    **kwargs)])[0]
 
 
 def _segments(tokenizer, messages: list[dict[str, Any]], tools: list | None = None) -> list[tuple[str, bool]]:
@@ -118,6 +125,8 @@ def tokenize_batch(tokenizer, examples: list[dict], train_on_prompt: bool, max_l
     try:
         plain_text = _render_many(tokenizer, plain, False)
         prompted_text = _render_many(tokenizer, prompted, True)
+    except TemplateProblem:  # too slow, too large or forbidden: one at a time would only take longer
+        raise
     except Exception:  # a template that rejects one conversation: find which, one at a time
         plain_text = prompted_text = None
     texts: list[str] = []  # everything to tokenize, in one call
@@ -152,6 +161,8 @@ def tokenize_batch(tokenizer, examples: list[dict], train_on_prompt: bool, max_l
             messages, tools = (payload[0], None) if kind == "chat" else payload
             try:
                 pieces, note = _template_pieces(tokenizer, messages, tools)
+            except TemplateProblem:
+                raise
             except Exception as exc:  # the template's own raise_exception, or any error inside the template
                 layouts.append({"input_ids": [], "assistant_masks": [], "_note": NOTE_TEMPLATE + first_line(exc)[:200]})
                 continue
@@ -196,16 +207,19 @@ def _render_many(tokenizer, conversations: list, generation_prompt: bool) -> lis
     per-call copy that makes apply_chat_template cost a quarter more; any other tokenizer goes through it."""
     if not conversations:
         return []
-    try:
-        from transformers.utils.chat_template_utils import render_jinja_template
+    with bounded(tokenizer, len(conversations)):
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
 
-        rendered, _ = render_jinja_template(conversations=conversations, chat_template=tokenizer.get_chat_template(),
-                                            add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
-        return list(rendered)
-    except (ImportError, AttributeError, TypeError):
-        rendered = tokenizer.apply_chat_template(conversations, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
-        return [rendered] if isinstance(rendered, str) else list(rendered)
+            rendered, _ = render_jinja_template(conversations=conversations,
+                                                chat_template=tokenizer.get_chat_template(),
+                                                add_generation_prompt=generation_prompt,
+                                                **tokenizer.special_tokens_map)
+        except (ImportError, AttributeError, TypeError):
+            rendered = tokenizer.apply_chat_template(conversations, tokenize=False,
+                                                     add_generation_prompt=generation_prompt)
+            rendered = [rendered] if isinstance(rendered, str) else rendered
+    return check_size(tokenizer, list(rendered))
 
 
 def _pieces_from_renders(messages, turns: list[int], full: str, uptos: list[str], prompts: list[str]):

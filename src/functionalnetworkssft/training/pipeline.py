@@ -91,7 +91,8 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
         problem = modeling.remote_code_problem(source, cfg.trust_remote_code)
         if problem:
             raise UsageError(problem)
-        tokenizer = modeling.load_tokenizer(source, cfg.trust_remote_code, chat_template)
+        tokenizer = modeling.load_tokenizer(source, cfg.trust_remote_code, chat_template,
+                                            f"--chat_template_path {cfg.chat_template_path}")
         train_set, eval_set = data.tokenize(raw, tokenizer, cfg.max_seq_length, cfg.train_on_prompt,
                                             cfg.dataset_num_proc)
         describe_data(raw, train_set, eval_set, tokenizer)
