@@ -17,7 +17,7 @@ from functionalnetworkssft.export.arch import UnsupportedModel
 from functionalnetworkssft.export.modelfile import is_ours, write_modelfile
 from functionalnetworkssft.export.write import OUTTYPES, write_gguf
 from functionalnetworkssft.options import Options, arg, field_problems, parse
-from functionalnetworkssft.outputs import FolderLock, writable_problem
+from functionalnetworkssft.outputs import FolderLock, writable_problem, write_text_atomic
 
 
 class ExportError(FnsftError):
@@ -185,9 +185,7 @@ def _export_locked(model_dir: Path, outfile: Path, outtype: str, verify: bool, n
 
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
-    staging = path.with_name(f".{path.name}.partial")
-    staging.write_text(json.dumps({k: v for k, v in report.items() if k != "summary"}, indent=1) + "\n")
-    os.replace(staging, path)
+    write_text_atomic(path, json.dumps({k: v for k, v in report.items() if k != "summary"}, indent=1) + "\n")
 
 
 def _summary(outfile: Path, report: dict[str, Any]) -> str:
