@@ -36,19 +36,28 @@ def keep_bitsandbytes_from_the_hub() -> None:
 
 
 class _BitsandbytesFinder(importlib.abc.MetaPathFinder):
+    """Finds bitsandbytes through the other finders and wraps its loader; stays in place until the package is really
+    loaded (libraries ask importlib.util.find_spec whether it is installed long before they import it)."""
+
+    def __init__(self):
+        self.busy = False
+
     def find_spec(self, name, path=None, target=None):
-        if name != "bitsandbytes" or allowed():
+        if name != "bitsandbytes" or self.busy or allowed():
             return None
-        sys.meta_path.remove(self)  # once: the real finders locate the package
-        spec = importlib.util.find_spec(name)
+        self.busy = True  # the lookup below asks every finder again, this one included
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.busy = False
         if spec is not None and spec.loader is not None:
-            spec.loader = _WithoutKernels(spec.loader)
+            spec.loader = _WithoutKernels(spec.loader, self)
         return spec
 
 
 class _WithoutKernels(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, finder: _BitsandbytesFinder):
+        self.loader, self.finder = loader, finder
 
     def __getattr__(self, name):  # everything else (resource readers, get_code, ...) is the real loader's
         return getattr(self.loader, name)
@@ -57,6 +66,8 @@ class _WithoutKernels(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)  # loaded once per process: the hook has done its work
         missing = object()
         saved = sys.modules.get("kernels", missing)
         sys.modules["kernels"] = None  # type: ignore[assignment]  # `import kernels` now fails at once
