@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# One compute thread per process (this one and every subprocess a test starts), set before torch is imported. The
+# models here are tiny: a second OpenMP thread gains nothing on them, and beside any other busy process (another test
+# worker, a second run) two spinning threads wait on each other and make a training step several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # GGUF conversions and tokenized data are cached; the tests use a cache of their own, not the user's.
 os.environ["FNSFT_CACHE"] = tempfile.mkdtemp(prefix="fnsft-test-cache-")
 
