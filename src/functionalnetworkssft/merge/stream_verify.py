@@ -455,7 +455,7 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
     the input and output embeddings are loaded separately. Also: the tied names, and the base parameters the adapter
     file itself supplied (PEFT saves a resized embedding's base weight with the adapter)."""
     from accelerate import init_empty_weights
-    from peft import PeftModel
+    from peft import PeftModel, peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -474,8 +474,10 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
             # Adapter tensors stay in their stored dtype until their unit runs (autocast would hold all of them in
             # float32 for the whole check).
             with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None):
+                # Named only where PEFT would choose otherwise: naming it on the CPU makes PEFT hold more.
+                device = {} if peft_model.infer_device() == "cpu" else {"torch_device": "cpu"}
                 model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, low_cpu_mem_usage=True,
-                                                  autocast_adapter_dtype=False, torch_device="cpu")
+                                                  autocast_adapter_dtype=False, **device)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise MergeError(f"verification: PEFT cannot load {adapter_dir} onto {base_dir} ({first_line(exc)}); "
                              "nothing was written. Pass --verify off to merge without the check.") from None
