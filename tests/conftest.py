@@ -203,3 +203,15 @@ def corrupt_merge(monkeypatch):
         original(self, block, start, stop)
 
     monkeypatch.setattr(merge.LoraTarget, "add_delta_rows", twice)
+
+
+@pytest.fixture
+def fnsft_log(caplog):
+    """fnsft's log lines from INFO up (its logger does not propagate to the root, where caplog listens)."""
+    import logging
+
+    ours = logging.getLogger("functionalnetworkssft")
+    ours.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    ours.removeHandler(caplog.handler)

@@ -4,7 +4,6 @@ line and rebuilt, and the run trains on its own data."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import datasets
@@ -20,15 +19,6 @@ def tok():
     return build_tokenizer(chat=True)
 
 
-@pytest.fixture
-def warnings_seen(caplog):
-    ours = logging.getLogger("functionalnetworkssft")
-    ours.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    ours.removeHandler(caplog.handler)
-
-
 def chats(count: int, word: str) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"{word} {i}?"}, {"role": "assistant", "content": f"{i}."}]}
             for i in range(count)]
@@ -38,7 +28,7 @@ def entry(tok, raw) -> str:
     return cache_key(raw.train, tok, 64, False)
 
 
-def test_an_entry_swapped_in_from_other_data_is_rebuilt(tok, monkeypatch, tmp_path, warnings_seen):
+def test_an_entry_swapped_in_from_other_data_is_rebuilt(tok, monkeypatch, tmp_path, fnsft_log):
     monkeypatch.setenv("FNSFT_CACHE", str(tmp_path))
     small, large = data.from_memory(chats(6, "small")), data.from_memory(chats(12, "large"))
     data.tokenize(small, tok, 64, False)
@@ -48,9 +38,9 @@ def test_an_entry_swapped_in_from_other_data_is_rebuilt(tok, monkeypatch, tmp_pa
     shutil.copytree(folder / entry(tok, small), folder / entry(tok, large))  # the 6-example entry, 12's name
     train, _ = data.tokenize(data.from_memory(chats(12, "large")), tok, 64, False)
     assert len(train) == 12
-    assert "was written for other data or settings; tokenizing again" in warnings_seen.text
+    assert "was written for other data or settings; tokenizing again" in fnsft_log.text
     again, _ = data.tokenize(data.from_memory(chats(12, "large")), tok, 64, False)
-    assert len(again) == 12 and "read from the cache" in warnings_seen.text  # the rebuilt entry is trusted again
+    assert len(again) == 12 and "read from the cache" in fnsft_log.text  # the rebuilt entry is trusted again
 
 
 @pytest.mark.parametrize("forgery, needle", [
@@ -61,7 +51,7 @@ def test_an_entry_swapped_in_from_other_data_is_rebuilt(tok, monkeypatch, tmp_pa
     ("garbage", "cannot be read"),
 ])
 def test_a_forged_or_damaged_entry_under_the_right_key_is_rebuilt(forgery, needle, tok, monkeypatch, tmp_path,
-                                                                  warnings_seen):
+                                                                  fnsft_log):
     monkeypatch.setenv("FNSFT_CACHE", str(tmp_path))
     raw = data.from_memory(chats(8, forgery))
     expected, _ = data.tokenize(raw, tok, 64, False, cache=False)
@@ -81,5 +71,5 @@ def test_a_forged_or_damaged_entry_under_the_right_key_is_rebuilt(forgery, needl
         datasets.Dataset.from_dict(forged).save_to_disk(str(folder))
     (folder / STAMP).write_text(json.dumps({"key": key, "rows": 8}))
     train, _ = data.tokenize(data.from_memory(chats(8, forgery)), tok, 64, False)
-    assert needle in warnings_seen.text
+    assert needle in fnsft_log.text
     assert train["input_ids"] == expected["input_ids"]

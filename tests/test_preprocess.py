@@ -4,7 +4,6 @@ hit when nothing changed and missed when anything did."""
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 
@@ -21,15 +20,6 @@ def rows(count: int) -> list[dict]:
     return [{"messages": CONVERSATIONS[i % len(CONVERSATIONS)][: 3 + 2 * (i % 2)]} for i in range(count)]
 
 
-@pytest.fixture
-def seen(caplog):
-    ours = logging.getLogger("functionalnetworkssft")
-    ours.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    ours.removeHandler(caplog.handler)
-
-
 def test_batched_and_parallel_tokenization_equals_one_example_at_a_time(tok, monkeypatch, tmp_path):
     monkeypatch.setenv("FNSFT_CACHE", str(tmp_path))
     raw = data.from_memory(rows(40) + [{"messages": [{"role": "user", "content": "no reply"}]}])
@@ -40,13 +30,13 @@ def test_batched_and_parallel_tokenization_equals_one_example_at_a_time(tok, mon
     assert parallel["assistant_masks"] == [s["assistant_masks"] for s in kept]
 
 
-def test_the_cache_is_hit_when_nothing_changed_and_missed_when_anything_did(tok, monkeypatch, tmp_path, seen):
+def test_the_cache_is_hit_when_nothing_changed_and_missed_when_anything_did(tok, monkeypatch, tmp_path, fnsft_log):
     monkeypatch.setenv("FNSFT_CACHE", str(tmp_path))
     raw = data.from_memory(rows(30))
     first, _ = data.tokenize(raw, tok, 128, False)
-    assert "read from the cache" not in seen.text
+    assert "read from the cache" not in fnsft_log.text
     again, _ = data.tokenize(data.from_memory(rows(30)), tok, 128, False)
-    assert "read from the cache" in seen.text and again["input_ids"] == first["input_ids"]
+    assert "read from the cache" in fnsft_log.text and again["input_ids"] == first["input_ids"]
     entries = set((tmp_path / "tokenized").iterdir())
     other_template = copy.deepcopy(tok)
     other_template.chat_template = tok.chat_template.replace("'<|im_end|>", "' <|im_end|>")

@@ -3,6 +3,7 @@ instead of tokenizing again. A cache only ever saves time: an entry that cannot 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,8 +23,7 @@ def cache_key(dataset, tokenizer, max_length: int, train_on_prompt: bool) -> str
     import pyarrow as pa
 
     digest = hashlib.sha256()
-    for code in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(code.read_bytes())
+    digest.update(_code_digest())
     digest.update(json.dumps([max_length, train_on_prompt, type(tokenizer).__name__, tokenizer.eos_token_id,
                               tokenizer.pad_token_id, tokenizer.bos_token_id,
                               getattr(tokenizer, "chat_template", None)]).encode())
@@ -42,6 +42,15 @@ def cache_key(dataset, tokenizer, max_length: int, train_on_prompt: bool) -> str
             writer.write_table(table)
         digest.update(sink.getvalue())
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> bytes:
+    """This package's code, hashed once per process (the key of every split of every run depends on it)."""
+    digest = hashlib.sha256()
+    for code in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(code.read_bytes())
+    return digest.digest()
 
 
 def read_cache(key: str, rows: int, vocab_size: int, max_length: int):

@@ -116,8 +116,11 @@ def _quantized(model_dir: Path) -> str | None:
 
 
 def _written_by_us(outfile: Path) -> bool:
+    path = outfile.with_name(outfile.name + ".json")
+    if not path.is_file():  # a folder, or a FIFO that a read would wait on forever
+        return False
     try:
-        report = json.loads(outfile.with_name(outfile.name + ".json").read_text())
+        report = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(report, dict) and "fnsft_version" in report and report.get("outfile") == outfile.name

@@ -119,6 +119,8 @@ def _output_problems(cfg: TemplatesConfig, output: Path) -> list[str]:
 
 def _is_our_plot(path: Path) -> bool:
     """A coverage plot an earlier `fnsft templates` made: a PNG carrying PLOT_MARK in its text metadata."""
+    if path.is_symlink() or not path.is_file():  # a link, a folder, or a FIFO that a read would wait on forever
+        return False
     try:
         with open(path, "rb") as handle:
             head = handle.read(8192)
