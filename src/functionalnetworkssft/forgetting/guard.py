@@ -1,0 +1,101 @@
+"""The forgetting guards: a term added to the task's loss at every training step that keeps the tuned model's
+behaviour close to the base's.
+
+- `kl`: lambda * KL(base || tuned) on windows of general text, a few per step from a stream disjoint from the probe.
+- `masked_kl`: lambda * KL(base || tuned) on the training batch itself, over the vocabulary without the target
+  token ("Mask the Target"): no general text needed, and no pull against the task's own loss.
+- `replay`: lambda * the language-modelling loss on the general-text stream.
+
+The stream's position is a function of the optimizer step and the micro-batch within it (and of the process in a
+data-parallel run), so a resumed run reads exactly the windows the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from functionalnetworkssft.forgetting.divergence import kl_to_base, masked_target_kl, replay_nll
+
+GUARDS = ("none", "kl", "masked_kl", "replay")
+WINDOWS_PER_STEP = 4
+# lambda when --forgetting_weight is not given: the pilot's kl setting (93% of the gain kept at 96% less KL);
+# replay's loss is an NLL of a few nats, so it needs no amplification.
+DEFAULT_WEIGHTS = {"kl": 10.0, "masked_kl": 10.0, "replay": 1.0}
+
+
+class ForgettingGuard:
+    def __init__(self, kind: str, weight: float, stream: list[list[int]], base, rank: int = 0, world: int = 1,
+                 per_step: int = WINDOWS_PER_STEP):
+        import torch
+
+        self.kind, self.weight, self.base = kind, weight, base
+        self.stream = torch.tensor(stream, dtype=torch.long) if stream else None
+        self.rank, self.world, self.per_step = rank, world, per_step
+        self.last_term: float | None = None
+        self._step, self._micro = -1, 0
+
+    def windows(self, micro_step: int):
+        """The windows of the `micro_step`-th micro-batch of the run (counted from its first step, on this process),
+        cycling through the stream."""
+        import torch
+
+        count = len(self.stream)
+        first = (micro_step * self.world + self.rank) * self.per_step
+        return self.stream[torch.arange(first, first + self.per_step) % count]
+
+    def stream_term(self, model, micro_step: int):
+        """The kl or replay term on this micro-batch's general-text windows (`model` unwrapped from any DDP)."""
+        ids = self.windows(micro_step).to(next(model.parameters()).device)
+        tuned = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        if self.kind == "replay":
+            return replay_nll(tuned, ids[:, 1:])
+        return kl_to_base(tuned, self.base.logits(model, input_ids=ids, use_cache=False)[:, :-1])
+
+    def batch_term(self, model, inputs, tuned_logits):
+        """The masked_kl term on the training batch: at the positions the task trains."""
+        targets = inputs["labels"][:, 1:]
+        keep = targets != -100
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
+        base = self.base.logits(model, **batch)[:, :-1][keep]
+        return masked_target_kl(tuned_logits[:, :-1][keep], base, targets[keep])
+
+
+def guarded_loss(trainer, guard: ForgettingGuard, model, inputs, num_items_in_batch, task_loss):
+    """The task's loss plus the guard's term, for one micro-batch of TRL's training step.
+
+    `task_loss(model, inputs, num_items_in_batch)` is TRL's own loss. The Trainer divides what this returns by the
+    accumulation steps unless the loss is already normalised over the whole step; the guard's term, a mean over
+    this micro-batch, is scaled to match, so lambda means the same at any --gradient_accumulation_steps."""
+    import torch.nn.functional as F
+
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    step, accumulation = trainer.state.global_step, trainer.current_gradient_accumulation_steps
+    guard._micro = guard._micro + 1 if step == guard._step else 0
+    guard._step = step
+    micro_step = step * accumulation + guard._micro
+    if guard.kind == "masked_kl":
+        # TRL's fused head never builds the logits this term needs: one forward gives them, and the task's loss is
+        # computed from them exactly as TRL computes it.
+        inputs = {**inputs, "use_cache": False}
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        targets = inputs["labels"][:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+        loss = nll / torch_tensor(count).clamp(min=1)
+        if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * trainer.accelerator.num_processes
+        term = guard.batch_term(unwrapped, inputs, logits)
+    else:
+        loss = task_loss(model, inputs, num_items_in_batch)
+        term = guard.stream_term(unwrapped, micro_step)
+    guard.last_term = float(term.detach())
+    scaled = trainer.loss_is_scaled_for_ga
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+            or trainer.compute_loss_func is not None
+    factor = 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
+    return loss + (guard.weight * factor) * term
+
+
+def torch_tensor(value):
+    import torch
+
+    return torch.as_tensor(value)

@@ -1,0 +1,103 @@
+"""What a run does about forgetting, decided once before training: the general text, the probe, the guard and
+where the base's distribution comes from; and what it reports afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from functionalnetworkssft.forgetting import reference, text
+from functionalnetworkssft.forgetting.guard import DEFAULT_WEIGHTS, ForgettingGuard
+from functionalnetworkssft.forgetting.probe import AGREEMENT_KEY, KL_KEY, NLL_KEY, ForgettingProbe
+
+
+@dataclass
+class ForgettingPlan:
+    probe: ForgettingProbe | None
+    guard: ForgettingGuard | None
+    origin: str
+    base: Any
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, cfg, model, tokenizer, fingerprint: str) -> ForgettingPlan | None:
+        """The plan of a run (None when it neither measures nor guards). `model` is the base, before training."""
+        from functionalnetworkssft import distributed
+
+        probing = cfg.forgetting_probe == "on"
+        kind = cfg.forgetting_guard
+        if not probing and kind == "none":
+            return None
+        weight = cfg.forgetting_weight if cfg.forgetting_weight is not None else DEFAULT_WEIGHTS.get(kind, 0.0)
+        guarding = kind != "none" and weight > 0  # lambda = 0 is the plain run, to the bit
+        streaming = guarding and kind in ("kl", "replay")
+        if cfg.forgetting_dataset:
+            general = text.split(text.from_file(cfg.forgetting_dataset, tokenizer, cfg.max_seq_length),
+                                 f"{Path(cfg.forgetting_dataset).name}")
+        else:
+            seed = cfg.seed
+            probe_windows = text.generated(model, tokenizer, text.PROBE_WINDOWS, seed, fingerprint)
+            stream = text.generated(model, tokenizer, text.GUARD_WINDOWS, seed + 1, fingerprint) if streaming else []
+            stream, dropped = text.disjoint(stream, probe_windows)
+            general = text.GeneralText(probe_windows, stream, "text the base model wrote from neutral prompts",
+                                       dropped)
+        if streaming and not general.stream:
+            from functionalnetworkssft.errors import UsageError
+
+            raise UsageError(f"--forgetting_dataset {cfg.forgetting_dataset}: no window of its text is left for the "
+                             "guard once those that share an 8-token sequence with the probe's are removed; give "
+                             "more (and more varied) text.")
+        if cfg.use_peft:
+            base = reference.AdapterOff()
+        elif guarding:
+            reference.refuse(reference.copy_problem(model, f"--forgetting_guard {kind}"))
+            base = reference.FrozenCopy(model)
+        else:
+            import torch
+
+            base = reference.TopK.of(model, torch.tensor(general.probe))
+        probe = ForgettingProbe(general.probe, base) if probing else None
+        guard = ForgettingGuard(kind, weight, general.stream, base, distributed.rank(), distributed.world_size()) \
+            if guarding else None
+        details = {"text": general.origin, "probe_windows": len(general.probe), "window_tokens": text.WINDOW_TOKENS,
+                   "base_distribution": base.describe}
+        if guard is not None:
+            details["guard"] = {"kind": kind, "weight": weight}
+            if streaming:
+                details["guard"].update(stream_windows=len(general.stream), windows_per_step=guard.per_step,
+                                        dropped_for_sharing_ngrams_with_probe=general.dropped, ngram=text.NGRAM)
+        return cls(probe, guard, general.origin, base, details)
+
+    def record(self) -> dict[str, Any]:
+        """For fnsft_training.json and the model card."""
+        out = dict(self.details)
+        if self.probe is not None and self.probe.history:
+            out["measurements"] = self.probe.history
+        return out
+
+    def summary(self) -> str | None:
+        """The final measurement in words."""
+        if self.probe is None or not self.probe.history:
+            return None
+        last = self.probe.history[-1]
+        kl, agreement, nll = last[KL_KEY], last[AGREEMENT_KEY], last[NLL_KEY]
+        guard = (f" The {self.guard.kind} guard (weight {self.guard.weight:g}) held it down during training."
+                 if self.guard is not None else " Add --forgetting_guard kl to hold it down.")
+        return (f"Forgetting: on {self.probe.tokens} tokens of {self.origin}, the tuned model's next-token choice "
+                f"agrees with the base's {agreement:.1%} of the time; KL(base||tuned) is {kl:.4f} nats per token and "
+                f"its NLL there {'rose' if nll > 0 else 'fell'} by {abs(nll):.4f} nats per token.{guard}")
+
+
+def fingerprint(source, cfg) -> str:
+    """The base model as its files and loading settings make it: what cached generated text depends on."""
+    digest = hashlib.sha256(json.dumps([source.path, cfg.torch_dtype, cfg.use_4bit, cfg.use_8bit]).encode())
+    folder = Path(source.path)
+    if folder.is_dir():
+        for item in sorted(folder.iterdir()):
+            if item.suffix in (".safetensors", ".bin", ".json", ".gguf") and item.is_file():
+                stat = item.stat()
+                digest.update(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()

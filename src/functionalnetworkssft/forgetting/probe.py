@@ -1,0 +1,62 @@
+"""The forgetting probe: how far the model's next-token distribution on general text has moved from the base's,
+measured at the start, at every evaluation and at the end of a run."""
+
+from __future__ import annotations
+
+from functionalnetworkssft.forgetting.divergence import token_kl
+
+# Logged like eval_loss, so every report_to tracker receives them.
+KL_KEY, AGREEMENT_KEY, NLL_KEY = "forgetting_kl", "base_agreement", "forgetting_nll_change"
+
+
+class ForgettingProbe:
+    """KL(base || tuned) in nats per token, top-1 agreement with the base, and the change of the NLL, on fixed
+    windows of general text. `base` is where the base's distribution comes from (`reference`)."""
+
+    def __init__(self, windows: list[list[int]], base, batch_size: int = 8):
+        import torch
+
+        self.windows = torch.tensor(windows, dtype=torch.long)
+        self.base, self.batch_size = base, batch_size
+        self.base_nll: float | None = None
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def tokens(self) -> int:
+        return int(self.windows[:, 1:].numel())
+
+    def measure(self, model, step: int | None = None) -> dict[str, float]:
+        """The three numbers for `model` (a PEFT model when the base is its adapter switched off)."""
+        import torch
+
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        kl_sum = agree = nll_sum = base_nll_sum = 0.0
+        try:
+            with torch.no_grad():
+                for start in range(0, len(self.windows), self.batch_size):
+                    rows = slice(start, start + self.batch_size)
+                    ids = self.windows[rows].to(device)
+                    targets = ids[:, 1:]
+                    tuned = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+                    nll_sum += float(-tuned.gather(-1, targets[..., None]).sum())
+                    if hasattr(self.base, "values"):  # top-k snapshot
+                        kl_sum += float(self.base.kl(tuned, rows).sum())
+                        agree += float((self.base.top1(rows).to(device) == tuned.argmax(-1)).sum())
+                    else:
+                        base = self.base.logits(model, input_ids=ids)[:, :-1]
+                        kl_sum += float(token_kl(tuned, base).sum())
+                        agree += float((base.argmax(-1) == tuned.argmax(-1)).sum())
+                        if self.base_nll is None:
+                            base_logp = torch.log_softmax(base.float(), -1)
+                            base_nll_sum += float(-base_logp.gather(-1, targets[..., None]).sum())
+        finally:
+            model.train(was_training)
+        count = self.tokens
+        nll = nll_sum / count
+        if self.base_nll is None:
+                self.base_nll = self.base.nll if hasattr(self.base, "values") else base_nll_sum / count
+        result = {KL_KEY: kl_sum / count, AGREEMENT_KEY: agree / count, NLL_KEY: nll - self.base_nll}
+        self.history.append({"step": step, **result} if step is not None else dict(result))
+        return result

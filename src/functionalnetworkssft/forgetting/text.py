@@ -1,0 +1,143 @@
+"""The general text the probe measures on and the guards train on: the user's (--forgetting_dataset) or, by
+default, text the base model writes itself from neutral prompts, cut into fixed windows. The probe's windows and
+the guard's stream never share an n-gram: a guard that trained on the text that measures it would prove nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from functionalnetworkssft.paths import cache_dir
+
+WINDOW_TOKENS = 96
+PROBE_WINDOWS = 16
+GUARD_WINDOWS = 64
+# Windows that share an n-gram of this many tokens with a probe window are dropped from the guard's stream.
+NGRAM = 8
+# Neutral requests across everyday domains: the base answers them in its own words, in its own language and style,
+# which is what a fine-tune should leave as it was. Never the user's training data.
+PROMPTS = (
+    "Explain how bread rises.", "Describe a busy train station in the morning.", "What causes the seasons?",
+    "Give some advice for a first job interview.", "Tell a short story about a lost umbrella.",
+    "How does a bicycle stay upright?", "Summarise the history of the printing press.",
+    "Write a polite email declining an invitation.", "Why do cats purr?", "Explain compound interest simply.",
+    "Describe the water cycle.", "What should I pack for a weekend hike?", "How do vaccines work?",
+    "Write a few lines about the sea at night.", "Compare tea and coffee.", "How is a bill passed into law?",
+    "Explain what a prime number is.", "Describe how to plant a tomato seedling.", "What is photosynthesis?",
+    "Write a thank-you note to a teacher.", "How do airplanes fly?", "Describe your favourite kind of weather.",
+    "What are the rules of chess, briefly?", "Explain why the sky is blue.",
+)
+
+
+@dataclass
+class GeneralText:
+    """Fixed windows of general text: `probe` measures, `stream` guards; `origin` says where they came from."""
+
+    probe: list[list[int]]
+    stream: list[list[int]]
+    origin: str
+    dropped: int = 0  # stream windows removed for sharing an n-gram with the probe
+
+
+def cut(ids: list[int], size: int = WINDOW_TOKENS) -> list[list[int]]:
+    """Consecutive full windows of `size` tokens (a shorter tail is left out: every window weighs the same)."""
+    return [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)]
+
+
+def ngrams(window: list[int], n: int = NGRAM) -> set[tuple[int, ...]]:
+    return {tuple(window[i:i + n]) for i in range(len(window) - n + 1)}
+
+
+def disjoint(candidates: list[list[int]], evaluation: list[list[int]], n: int = NGRAM) -> tuple[list[list[int]], int]:
+    """The candidates that share no n-gram of `n` tokens with any evaluation window, and how many were dropped."""
+    held = set().union(*(ngrams(w, n) for w in evaluation)) if evaluation else set()
+    kept = [w for w in candidates if not (ngrams(w, n) & held)]
+    return kept, len(candidates) - len(kept)
+
+
+def split(windows: list[list[int]], origin: str, probe_count: int = PROBE_WINDOWS) -> GeneralText:
+    """The first windows (spread over the text) measure; the rest, once filtered against them, guard."""
+    if len(windows) < 2:
+        raise ValueError(f"{origin} gives {len(windows)} window(s) of {WINDOW_TOKENS} tokens; it needs at least 2")
+    count = min(probe_count, max(1, len(windows) // 4)) if len(windows) < 4 * probe_count else probe_count
+    step = len(windows) / count
+    chosen = {int(i * step) for i in range(count)}
+    probe = [w for i, w in enumerate(windows) if i in chosen]
+    stream, dropped = disjoint([w for i, w in enumerate(windows) if i not in chosen], probe)
+    return GeneralText(probe, stream, origin, dropped)
+
+
+def from_file(path: str, tokenizer, max_length: int) -> list[list[int]]:
+    """Windows of a --forgetting_dataset: a .txt file as it is, or any training format, rendered as training renders
+    it (chat template included) and joined."""
+    if Path(path).suffix.lower() in (".txt", ".md"):
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        return cut(tokenizer(text, add_special_tokens=False)["input_ids"])
+    from functionalnetworkssft import data
+
+    raw = data.load_sources([data.Source(path, None, None)], None, 0.0, 0, "text")
+    tokenized, _ = data.tokenize(raw, tokenizer, max_length, True, None)
+    joined: list[int] = []
+    for ids in tokenized["input_ids"]:
+        joined.extend(ids)
+    return cut(joined)
+
+
+def generated(model, tokenizer, count: int, seed: int, fingerprint: str) -> list[list[int]]:
+    """`count` windows of text the base writes from the neutral prompts, sampled at temperature 1 (its own
+    distribution, so the KL measured on them estimates how far the tuned model's writing drifts from the base's).
+    Cached under the model's fingerprint: a rerun on the same base reads them back."""
+    key = hashlib.sha256(json.dumps([fingerprint, count, seed, WINDOW_TOKENS, PROMPTS]).encode()).hexdigest()[:20]
+    cached = cache_dir() / "general_text" / f"{key}.json"
+    try:
+        windows = json.loads(cached.read_text())
+        if isinstance(windows, list) and len(windows) == count and all(
+                isinstance(w, list) and len(w) == WINDOW_TOKENS and all(isinstance(t, int) for t in w)
+                for w in windows):
+            return windows
+    except (OSError, ValueError):
+        pass  # missing or damaged: written again below
+    windows = _sample(model, tokenizer, count, seed)
+    from functionalnetworkssft import distributed
+    from functionalnetworkssft.outputs import write_text_atomic
+
+    if distributed.is_main():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cached, json.dumps(windows))
+        except OSError:
+            pass  # a cache only saves time
+    return windows
+
+
+def _sample(model, tokenizer, count: int, seed: int) -> list[list[int]]:
+    import torch
+
+    from functionalnetworkssft import data
+
+    device = next(model.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    windows: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        torch.manual_seed(seed)
+        for start in range(0, count, 8):
+            prompts = [PROMPTS[(start + i) % len(PROMPTS)] for i in range(min(8, count - start))]
+            rows = [data.render_prompt_ids(tokenizer, [{"role": "user", "content": p}])
+                    if data.has_chat_template(tokenizer) else tokenizer(p)["input_ids"] for p in prompts]
+            width = max(len(r) for r in rows)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left-padded
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
+                                     top_k=0, max_new_tokens=WINDOW_TOKENS, min_new_tokens=WINDOW_TOKENS,
+                                     pad_token_id=pad, eos_token_id=None)
+            windows.extend(out[:, width:width + WINDOW_TOKENS].tolist())
+    finally:
+        model.train(was_training)
+        torch.random.set_rng_state(generator_state)  # the run's own randomness is what it would have been
+    return windows
