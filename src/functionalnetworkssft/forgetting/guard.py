@@ -87,6 +87,9 @@ def guarded_loss(trainer, guard: ForgettingGuard, model, inputs, num_items_in_ba
         loss = task_loss(model, inputs, num_items_in_batch)
         term = guard.stream_term(unwrapped, micro_step)
     guard.last_term = float(term.detach())
+    metrics = getattr(trainer, "_metrics", None)  # TRL averages these into each training log record
+    if metrics is not None:
+        metrics["train"]["forgetting_guard_loss"].append(guard.last_term)
     scaled = trainer.loss_is_scaled_for_ga
     if scaled is None:
         scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) \

@@ -84,8 +84,8 @@ class ForgettingPlan:
             return None
         last = self.probe.history[-1]
         kl, agreement, nll = last[KL_KEY], last[AGREEMENT_KEY], last[NLL_KEY]
-        guard = (f" The {self.guard.kind} guard (weight {self.guard.weight:g}) held it down during training."
-                 if self.guard is not None else " Add --forgetting_guard kl to hold it down.")
+        guard = (f" Trained with the {self.guard.kind} guard (weight {self.guard.weight:g})."
+                 if self.guard is not None else " --forgetting_guard kl holds it down.")
         return (f"Forgetting: on {self.probe.tokens} tokens of {self.origin}, the tuned model's next-token choice "
                 f"agrees with the base's {agreement:.1%} of the time; KL(base||tuned) is {kl:.4f} nats per token and "
                 f"its NLL there {'rose' if nll > 0 else 'fell'} by {abs(nll):.4f} nats per token.{guard}")

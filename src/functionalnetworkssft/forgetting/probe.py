@@ -57,6 +57,9 @@ class ForgettingProbe:
         nll = nll_sum / count
         if self.base_nll is None:
                 self.base_nll = self.base.nll if hasattr(self.base, "values") else base_nll_sum / count
-        result = {KL_KEY: kl_sum / count, AGREEMENT_KEY: agree / count, NLL_KEY: nll - self.base_nll}
+        # A KL is never negative; float rounding around an unchanged model can make the sum a hair below 0.
+        result = {KL_KEY: max(0.0, kl_sum / count), AGREEMENT_KEY: agree / count, NLL_KEY: nll - self.base_nll}
+        if step is not None and self.history and self.history[-1].get("step") == step:
+            self.history.pop()  # measured again at the same step (the final evaluation after training's end)
         self.history.append({"step": step, **result} if step is not None else dict(result))
         return result

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from functionalnetworkssft.networks.options import ica_components_arg, ica_percentile_arg, ica_threshold_arg, ica_z_arg
 from functionalnetworkssft.options import Options, arg, field_problems, type_problems, yaml_kind
+from functionalnetworkssft.paths import missing_local
 
 # Optimizer names transformers' OptimizerNames holds (a test checks it still does), known without importing it.
 COMMON_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
@@ -236,6 +237,25 @@ class TrainConfig(Options):
         "Also zero the masked channels' MLP outputs in the training forward pass (lesion: the network's, preserve: "
         "all others), the paper's intervention, for ablations; inference always runs without it.", default=False)
 
+    # Forgetting
+    forgetting_probe: Literal["on", "off"] = arg(
+        "Measure how much the run forgot, at the start, at every evaluation and at the end: KL(base||tuned) in nats "
+        "per token, top-1 agreement with the base and the NLL change, on general text (--forgetting_dataset, else "
+        "text the base writes from neutral prompts). Logged as eval_forgetting_kl, eval_base_agreement and "
+        "eval_forgetting_nll_change, drawn in loss.png, saved in final_model/fnsft_training.json.", default="on")
+    forgetting_dataset: str | None = arg(
+        "General text for the forgetting probe and guard, never the training data: a .txt file, or data in any "
+        "training format (rendered with the chat template). Default: text the base model writes itself from neutral "
+        "prompts, cached with the model.", default=None)
+    forgetting_guard: Literal["none", "kl", "masked_kl", "replay"] = arg(
+        "Hold forgetting down while training. kl: KL(base||tuned) on a few windows of general text each step; "
+        "masked_kl: KL on the training batch over the vocabulary without the target token (no general text); "
+        "replay: language-modelling loss on general text. The base is the adapter switched off (LoRA, QLoRA) or a "
+        "frozen copy (full fine-tuning).", default="none")
+    forgetting_weight: float | None = arg(
+        "The guard's weight lambda in task + lambda * guard (default: 10 for kl and masked_kl, 1 for replay); 0 "
+        "trains exactly as without the guard.", default=None, minimum=0)
+
     # Merge and Hub
     merge_adapter_with_base: bool = arg(
         "After training, merge the LoRA adapter into the base and save a standalone model to merged_model/.",
@@ -354,6 +374,11 @@ class TrainConfig(Options):
                     found.append(f"--{name} needs --mask_mode lesion or preserve.")
         if any(i < 0 for i in self.ica_component_ids):
             found.append("--ica_component_ids must be non-negative component numbers.")
+        if self.forgetting_weight is not None and self.forgetting_guard == "none":
+            found.append("--forgetting_weight needs --forgetting_guard kl, masked_kl or replay.")
+        if self.forgetting_dataset is not None and (missing := missing_local(self.forgetting_dataset.strip(),
+                                                                             "file")):
+            found.append(f"--forgetting_dataset {self.forgetting_dataset}: {missing}; give a text file or a dataset.")
         found.extend(self._trainer_problems())
         if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             found.append("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel.")

@@ -12,7 +12,7 @@ import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from functionalnetworkssft import checkpoints, data, distributed, hub, modeling, networks
+from functionalnetworkssft import checkpoints, data, distributed, forgetting, hub, modeling, networks
 from functionalnetworkssft.errors import UsageError, first_line
 from functionalnetworkssft.outputs import OutputFolder
 from functionalnetworkssft.training.after import GGUF_FILE, export_model, merge_model
@@ -105,12 +105,15 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
         quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
         network = plan_network(cfg, model, train_set, templates) if cfg.mask_mode != "none" else None
 
+        forgetting_plan = forgetting.ForgettingPlan.create(cfg, model, tokenizer, forgetting.fingerprint(source, cfg))
+
         samples = {p: {"before": sample_reply(model, tokenizer, p, cfg.sample_max_new_tokens)}
                    for p in (cfg.sample_prompts if main else [])}
         guard = RunGuard(folder, shape_settings(cfg, network.templates if network is not None else None))
         inference_cache = getattr(model.config, "use_cache", None)  # training turns the KV cache off
         try:
-            trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, quant is not None, guard)
+            trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, quant is not None, guard,
+                                    forgetting_plan)
         except ValueError as exc:  # TRL, PEFT and transformers check the combination they are given
             raise UsageError(f"the trainer refused this configuration: {first_line(exc)}") from None
         if network is not None:
@@ -132,7 +135,7 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
             if inference_cache is not None:
                 model.config.use_cache = inference_cache
             final_dir = save_results(cfg, folder, trainer, tokenizer, source, raw, quant, quantized_modules, samples,
-                                      network)
+                                      network, forgetting_plan)
             del trainer, model
             gc.collect()
             if not main:

@@ -51,6 +51,7 @@ def inputs(cfg: TrainConfig) -> list[tuple[str, str]]:
                         ("--config", cfg.config_file),
                         ("--chat_template_path", cfg.chat_template_path),
                         ("--ica_template_path", cfg.ica_template_path),
+                        ("--forgetting_dataset", cfg.forgetting_dataset),
                         ("--resume_from_checkpoint", cfg.resume_from_checkpoint)):
         if value and value != "latest" and (Path(value).expanduser().exists() or looks_like_local_path(value)):
             found.append((flag, str(Path(value).expanduser())))

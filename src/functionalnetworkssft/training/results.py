@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft import __version__, data, distributed, modeling, networks
+from functionalnetworkssft import __version__, data, distributed, forgetting, modeling, networks
 from functionalnetworkssft.outputs import OutputFolder
 from functionalnetworkssft.records import TRAINING_RECORD
 from functionalnetworkssft.training.config import TrainConfig
@@ -34,7 +34,7 @@ def describe_data(raw: data.RawData, train_set, eval_set, tokenizer) -> None:
 
 def save_results(cfg: TrainConfig, folder: OutputFolder, trainer, tokenizer, source: modeling.ModelSource,
                   raw: data.RawData, quant, quantized_modules: list[str], samples: dict[str, dict[str, str]],
-                  network: networks.NetworkPlan | None) -> Path:
+                  network: networks.NetworkPlan | None, forgetting_plan: forgetting.ForgettingPlan | None = None) -> Path:
     """final_model/ (+ its training record), trainer_state.json, loss.png, adapter/, samples.json."""
     final_dir = folder.record("final_model")
     trainer.save_model(str(final_dir))  # on every process: sharded engines gather the weights collectively
@@ -48,6 +48,8 @@ def save_results(cfg: TrainConfig, folder: OutputFolder, trainer, tokenizer, sou
     record = training_record(cfg, source, raw, quant, quantized_modules)
     if network is not None:
         record["functional_networks"] = network.record()
+    if forgetting_plan is not None:
+        record["forgetting"] = forgetting_plan.record()
     (final_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     folder.record("trainer_state.json")
     trainer.save_state()
@@ -59,6 +61,9 @@ def save_results(cfg: TrainConfig, folder: OutputFolder, trainer, tokenizer, sou
     if samples:
         report_samples(samples, folder.record("samples.json"))
     print(f"Training done: {trainer.state.global_step} steps; final model in {final_dir}")
+    summary = forgetting_plan.summary() if forgetting_plan is not None else None
+    if summary:
+        print(summary)
     return final_dir
 
 
@@ -96,14 +101,21 @@ def plot_loss(history: list[dict], path: Path) -> None:
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    kl = {h["step"]: h[f"eval_{forgetting.KL_KEY}"] for h in history if f"eval_{forgetting.KL_KEY}" in h}
     fig, ax = plt.subplots(figsize=(7, 4))
+    lines = []
     for points, label, style in ((train, "train loss", "-"), (evals, "validation loss", "o--")):
         if points:
-            ax.plot(*zip(*points), style, label=label)
+            lines += ax.plot(*zip(*points), style, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if kl:
+        # Forgetting is two orders of magnitude below the loss: its own axis.
+        right = ax.twinx()
+        lines += right.plot(list(kl), list(kl.values()), "s:", color="tab:red", label="forgetting: KL(base||tuned)")
+        right.set_ylabel("KL(base||tuned), nats per token")
+    ax.legend(lines, [line.get_label() for line in lines])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from functionalnetworkssft import networks
+from functionalnetworkssft.forgetting import ForgettingPlan, ForgettingProbe, guarded_loss
 from functionalnetworkssft.training.config import TrainConfig
 from functionalnetworkssft.training.guard import RunGuard
 
@@ -90,7 +93,8 @@ def sft_config(cfg: TrainConfig, evaluating: bool, half=None):
     )
 
 
-def build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quantized: bool, guard: RunGuard):
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quantized: bool, guard: RunGuard,
+                  forgetting: ForgettingPlan | None = None):
     import torch
     from transformers import set_seed
     from trl import SFTTrainer
@@ -110,12 +114,33 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quant
     # does when no attention mask is given and no KV cache is built: training never needs one.
     model.config.use_cache = False
 
+    probe = forgetting.probe if forgetting is not None else None
+    forgetting_guard = forgetting.guard if forgetting is not None else None
+
     class Trainer(SFTTrainer):
         def create_model_card(self, *args, **kwargs) -> None:
             """TRL's card names no base model; the Hub step writes one with real metadata instead."""
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if forgetting_guard is None or not model.training or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return guarded_loss(self, forgetting_guard, model, inputs, num_items_in_batch,
+                                lambda m, i, n: super(Trainer, self).compute_loss(m, i, num_items_in_batch=n))
+
+        def evaluation_loop(self, *args, **kwargs):
+            # In the evaluation's own record: every tracker and callback sees it beside eval_loss.
+            output = super().evaluation_loop(*args, **kwargs)
+            if probe is not None:
+                prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+                measured = probe.measure(self.accelerator.unwrap_model(self.model), self.state.global_step)
+                output.metrics.update({f"{prefix}_{key}": value for key, value in measured.items()})
+            return output
+
+    callbacks = [guard] + ([ProbeAtEnds(probe)] if probe is not None else [])
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=[guard])
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    if probe is not None:
+        callbacks[-1].trainer = trainer
     if cfg.gradient_checkpointing and cfg.use_peft:
         # With frozen embeddings nothing upstream of the first checkpointed block requires grad, so the recomputed
         # blocks would give the adapters no gradient; TRL only does this for its deprecated flag's name.
@@ -139,3 +164,24 @@ def plan_network(cfg: TrainConfig, model, train_set, templates: networks.Templat
     source = cfg.ica_template_path or networks.TEMPLATES_FILE
     return networks.NetworkPlan.create(model, templates, cfg.mask_mode, cfg.ica_component_ids or None,
                                        cfg.ica_mask_layers, source, built)
+
+
+class ProbeAtEnds(TrainerCallback):
+    """The forgetting probe at the start of training and at its end, logged like an evaluation (the evaluations in
+    between measure it in their own record)."""
+
+    def __init__(self, probe: ForgettingProbe):
+        self.probe, self.trainer = probe, None
+
+    def _log(self, state) -> None:
+        if self.probe.history and self.probe.history[-1].get("step") == state.global_step:
+            return  # this step's evaluation measured it already
+        trainer = self.trainer
+        measured = self.probe.measure(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
+        trainer.log({f"eval_{key}": value for key, value in measured.items()})
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._log(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._log(state)
