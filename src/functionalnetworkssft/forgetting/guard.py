@@ -53,7 +53,8 @@ class ForgettingGuard:
         """The masked_kl term on the training batch: at the positions the task trains."""
         targets = inputs["labels"][:, 1:]
         keep = targets != -100
-        batch = {k: v for k, v in inputs.items() if k != "labels"}
+        # No KV cache: only then does the model build a padding-free row's attention from its restarting positions.
+        batch = {**{k: v for k, v in inputs.items() if k != "labels"}, "use_cache": False}
         base = self.base.logits(model, **batch)[:, :-1][keep]
         return masked_target_kl(tuned_logits[:, :-1][keep], base, targets[keep])
 

@@ -48,7 +48,7 @@ class ForgettingPlan:
             from functionalnetworkssft.errors import UsageError
 
             raise UsageError(f"--forgetting_dataset {cfg.forgetting_dataset}: no window of its text is left for the "
-                             "guard once those that share an 8-token sequence with the probe's are removed; give "
+                             "guard once those that share a 13-token sequence with the probe's are removed; give "
                              "more (and more varied) text.")
         if cfg.use_peft:
             base = reference.AdapterOff()

@@ -39,13 +39,13 @@ class ForgettingProbe:
                     rows = slice(start, start + self.batch_size)
                     ids = self.windows[rows].to(device)
                     targets = ids[:, 1:]
-                    tuned = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+                    tuned = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
                     nll_sum += float(-tuned.gather(-1, targets[..., None]).sum())
                     if hasattr(self.base, "values"):  # top-k snapshot
                         kl_sum += float(self.base.kl(tuned, rows).sum())
                         agree += float((self.base.top1(rows).to(device) == tuned.argmax(-1)).sum())
                     else:
-                        base = self.base.logits(model, input_ids=ids)[:, :-1]
+                        base = self.base.logits(model, input_ids=ids, use_cache=False)[:, :-1]
                         kl_sum += float(token_kl(tuned, base).sum())
                         agree += float((base.argmax(-1) == tuned.argmax(-1)).sum())
                         if self.base_nll is None:

@@ -68,9 +68,14 @@ def copy_problem(model, flag: str) -> str | None:
     needed = size + 3 * trained
     if needed <= free:
         return None
-    return (f"{flag} with full fine-tuning keeps a frozen copy of the base ({size / 1e9:.2f} GB) beside the "
-            f"training's gradients and optimizer state: {needed / 1e9:.2f} GB, and {where} has {free / 1e9:.2f} GB "
-            "free; add --use_peft (the base is then the adapter switched off, no copy) or use --forgetting_guard none.")
+    return (f"{flag} with full fine-tuning keeps a frozen copy of the base ({_size(size)}) beside the training's "
+            f"gradients and optimizer state: {_size(needed)}, and {where} has {_size(free)} free; add --use_peft (the "
+            "base is then the adapter switched off, no copy) or use --forgetting_guard none.")
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
 
 
 @dataclass

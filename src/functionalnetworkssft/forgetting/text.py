@@ -14,8 +14,9 @@ from functionalnetworkssft.paths import cache_dir
 WINDOW_TOKENS = 96
 PROBE_WINDOWS = 16
 GUARD_WINDOWS = 64
-# Windows that share an n-gram of this many tokens with a probe window are dropped from the guard's stream.
-NGRAM = 8
+# Windows that share an n-gram of this many tokens with a probe window are dropped from the guard's stream: 13, the
+# contamination test of the GPT-3 paper, long enough that common phrases do not count as shared text.
+NGRAM = 13
 # Neutral requests across everyday domains: the base answers them in its own words, in its own language and style,
 # which is what a fine-tune should leave as it was. Never the user's training data.
 PROMPTS = (
