@@ -329,3 +329,15 @@ def test_two_processes_train_with_the_guard_and_report_forgetting_once(tiny_llam
     assert result.stdout.count("Forgetting: on 1520 tokens") == 1
     measured = [h["step"] for h in history(out) if "eval_forgetting_kl" in h]
     assert measured == [0, 3]
+
+
+def test_the_model_card_states_the_measured_forgetting_and_the_guard():
+    from functionalnetworkssft.hub.card import CardInfo, render_card
+
+    record = {"text": "/home/someone/corpus/general.txt", "guard": {"kind": "kl", "weight": 10.0},
+              "measurements": [{"step": 0, "forgetting_kl": 0.0, "base_agreement": 1.0},
+                               {"step": 40, "forgetting_kl": 0.0032, "base_agreement": 0.971}]}
+    card = render_card(CardInfo(base_model="org/base", forgetting=record), "adapter", "me/model")
+    assert "- Forgetting guard: kl (weight 10.0)" in card
+    assert "KL(base || tuned) 0.0032 nats per token, next-token agreement with the base 97.1%" in card
+    assert "/home/someone" not in card and "general.txt" in card

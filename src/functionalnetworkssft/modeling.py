@@ -294,6 +294,13 @@ def load_model(source: ModelSource, dtype, quant=None, trust_remote_code: bool =
         raise FnsftError(f"--model_name_or_path {source.given}: the checkpoint lacks {len(missing)} weight(s) its "
                          f"config.json asks for (first: {missing[0]}), which would start random; the folder is "
                          "incomplete or its config.json does not match its weights.")
+    if quant is not None:
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place on its first eval-mode forward into
+        # an inference-only layout with no backward (and which fails on dimensions under its block size). Training
+        # evaluates mid-run (validation, the forgetting probe, sample replies), then trains on: keep the one layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return model
 
 

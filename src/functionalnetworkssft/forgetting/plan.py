@@ -60,6 +60,8 @@ class ForgettingPlan:
 
             base = reference.TopK.of(model, torch.tensor(general.probe))
         probe = ForgettingProbe(general.probe, base) if probing else None
+        if probe is not None:
+            probe.reuse_same_step = not cfg.load_best_model_at_end
         guard = ForgettingGuard(kind, weight, general.stream, base, distributed.rank(), distributed.world_size()) \
             if guarding else None
         details = {"text": general.origin, "probe_windows": len(general.probe), "window_tokens": text.WINDOW_TOKENS,

@@ -20,6 +20,10 @@ class ForgettingProbe:
         self.base, self.batch_size = base, batch_size
         self.base_nll: float | None = None
         self.history: list[dict[str, float]] = []
+        # Weights change only with an optimizer step, so a second measurement at the same step (the final
+        # evaluation right after training's end) is the first one again; not so when the best checkpoint is loaded
+        # back at the end.
+        self.reuse_same_step = True
 
     @property
     def tokens(self) -> int:
@@ -29,6 +33,8 @@ class ForgettingProbe:
         """The three numbers for `model` (a PEFT model when the base is its adapter switched off)."""
         import torch
 
+        if self.reuse_same_step and step is not None and self.history and self.history[-1].get("step") == step:
+            return {k: v for k, v in self.history[-1].items() if k != "step"}
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device

@@ -38,6 +38,7 @@ class CardInfo:
     merge_report: dict[str, Any] | None = None
     method: str | None = None  # lora, qlora, lora-8bit or full, as fnsft_training.json records it
     networks: dict[str, Any] | None = None  # the functional-network mask, as fnsft_training.json records it
+    forgetting: dict[str, Any] | None = None  # the forgetting probe's measurements and the guard, as recorded
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "CardInfo":
@@ -63,7 +64,8 @@ class CardInfo:
                    hyperparameters=dict(record.get("hyperparameters") or {}), license=record.get("license"),
                    tags=list(record.get("tags") or []), merge_report=report, method=record.get("method"),
                    networks=record.get("functional_networks") if isinstance(record.get("functional_networks"), dict)
-                   else None)
+                   else None,
+                   forgetting=record.get("forgetting") if isinstance(record.get("forgetting"), dict) else None)
 
 
 def detect_kind(folder: str | Path) -> str:
@@ -144,6 +146,7 @@ def render_card(card: CardInfo, kind: str, repo_id: str, endpoint: str | None = 
                      f"channels from ICA components {', '.join(map(str, net.get('component_ids') or []))} (layers "
                      f"{net.get('mask_layers')}); {meaning}. The protected rows of the MLP output projections are "
                      "bit-identical to the base model's.")
+    lines += _forgetting_lines(card.forgetting)
     for dataset in card.datasets:
         shown = (f"[{dataset}]({endpoint}/datasets/{dataset})" if is_hub_id(dataset)
                  else f"a local dataset (`{_public(dataset)}`)")
@@ -165,6 +168,25 @@ def render_card(card: CardInfo, kind: str, repo_id: str, endpoint: str | None = 
                       "(figures from `merge_report.json`).", "", "| Figure | Value |", "| --- | --- |"]
             lines += [f"| {key} | {value} |" for key, value in rows]
     return "\n".join(lines) + "\n"
+
+
+def _forgetting_lines(record: dict[str, Any] | None) -> list[str]:
+    """How far the model moved from its base on general text, as the run's forgetting probe measured it."""
+    if not record:
+        return []
+    lines = []
+    guard = record.get("guard") if isinstance(record.get("guard"), dict) else None
+    if guard:
+        lines.append(f"- Forgetting guard: {guard.get('kind')} (weight {guard.get('weight')})")
+    measured = record.get("measurements") if isinstance(record.get("measurements"), list) else []
+    last = measured[-1] if measured and isinstance(measured[-1], dict) else None
+    try:
+        kl, agreement = float(last["forgetting_kl"]), float(last["base_agreement"])
+    except (TypeError, KeyError, ValueError):
+        return lines
+    lines.append(f"- Forgetting, measured at the end of training on {_public(str(record.get('text', 'general text')))}"
+                 f": KL(base || tuned) {kl:.4f} nats per token, next-token agreement with the base {agreement:.1%}")
+    return lines
 
 
 def _table_rows(values: dict, skip: tuple[str, ...] = (), prefix: str = "") -> list[tuple[str, str]]:

@@ -1,0 +1,112 @@
+"""What the forgetting probe and the guards cost, at the quickstart's settings (SmolLM2-135M-Instruct, LoRA r 16,
+12 steps of 8 examples, evaluation every 6 steps).
+
+    python benchmarks/forgetting_cost.py --json benchmarks/forgetting_cost.json
+
+- The probe: wall time of the whole `make quickstart` command (fnsft train --config examples/quickstart.yaml) with
+  --forgetting_probe off and on; on, with the base's probe text already cached (a rerun) and with it written first
+  (the first run on a model). The issue's bound: at most 10% of the run's time.
+- The guards: seconds per optimizer step (the Trainer's train_runtime over its steps, evaluation and probe off) of
+  plain LoRA and of each guard at its default weight. The issue's bound for the kl guard: at most 1.35x plain.
+
+Each configuration runs --repeats times, interleaved, and the median is reported. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+
+PROBE_ARMS = {"probe off": ["--forgetting_probe", "off"], "probe on (text cached)": [],
+              "probe on (text written first)": ["COLD"]}
+STEP_ARMS = {"plain LoRA": [], "kl guard": ["--forgetting_guard", "kl"],
+             "masked_kl guard": ["--forgetting_guard", "masked_kl"], "replay guard": ["--forgetting_guard", "replay"]}
+
+
+def run(args: list[str], out: Path, cache: Path) -> tuple[float, dict]:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "functionalnetworkssft", "train", "--config", str(QUICKSTART),
+                             "--output_dir", str(out), "--overwrite_output_dir", *args],
+                            capture_output=True, text=True, env={**os.environ, "FNSFT_CACHE": str(cache)})
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"fnsft train {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    summary = next(h for h in history if "train_runtime" in h)
+    return wall, {"train_runtime": summary["train_runtime"], "steps": history[-1]["step"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", required=True, help="results file (overwritten)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fnsft-cost-"))
+    from functionalnetworkssft.paths import cache_dir
+
+    # The GGUF conversion and tokenized data come from the user's cache (as in a rerun of the quickstart); only the
+    # probe's text is kept apart, so that "written first" really writes it.
+    shared = cache_dir()
+    results: dict[str, list] = {name: [] for name in (*PROBE_ARMS, *STEP_ARMS)}
+    try:
+        for repeat in range(args.repeats):
+            for name, extra in PROBE_ARMS.items():
+                cache = work / "cache"
+                if cache.exists():
+                    shutil.rmtree(cache)
+                cache.mkdir()
+                for entry in shared.iterdir() if shared.is_dir() else []:
+                    if entry.name != "general_text":
+                        (cache / entry.name).symlink_to(entry)
+                if extra != ["COLD"] and (shared / "general_text").is_dir():
+                    shutil.copytree(shared / "general_text", cache / "general_text")
+                wall, info = run([a for a in extra if a != "COLD"], work / "out", cache)
+                if extra != ["COLD"] and not (shared / "general_text").is_dir() and (cache / "general_text").is_dir():
+                    shutil.copytree(cache / "general_text", shared / "general_text")
+                results[name].append({"wall_s": round(wall, 2), **info})
+                print(f"[{repeat}] {name}: {wall:.1f} s wall", file=sys.stderr, flush=True)
+            for name, extra in STEP_ARMS.items():
+                off = ["--forgetting_probe", "off", "--eval_strategy", "no", "--validation_split", "0",
+                       "--merge_adapter_with_base", "false", "--sample_prompts"]
+                _, info = run(off + extra, work / "out", shared)
+                per_step = info["train_runtime"] / info["steps"]
+                results[name].append({"s_per_step": round(per_step, 3), **info})
+                print(f"[{repeat}] {name}: {per_step:.2f} s per step", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    off = statistics.median(r["wall_s"] for r in results["probe off"])
+    plain = statistics.median(r["s_per_step"] for r in results["plain LoRA"])
+    summary = {}
+    for name in PROBE_ARMS:
+        wall = statistics.median(r["wall_s"] for r in results[name])
+        summary[name] = {"wall_s": wall, "share_of_run": round((wall - off) / wall, 3)}
+    for name in STEP_ARMS:
+        step = statistics.median(r["s_per_step"] for r in results[name])
+        summary[name] = {"s_per_step": step, "vs_plain": round(step / plain, 3)}
+    report = {"date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "runs": results, "summary": summary,
+              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "cpus": os.cpu_count()}}
+    Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print("| configuration | median | relative |\n|---|---|---|")
+    for name, row in summary.items():
+        if "wall_s" in row:
+            print(f"| {name} | {row['wall_s']:.1f} s per run | probe share {row['share_of_run']:+.1%} |")
+        else:
+            print(f"| {name} | {row['s_per_step']:.2f} s per step | {row['vs_plain']:.2f}x plain |")
+
+
+if __name__ == "__main__":
+    main()
