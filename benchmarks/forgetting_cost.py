@@ -35,11 +35,11 @@ STEP_ARMS = {"plain LoRA": [], "kl guard": ["--forgetting_guard", "kl"],
              "masked_kl guard": ["--forgetting_guard", "masked_kl"], "replay guard": ["--forgetting_guard", "replay"]}
 
 
-def run(args: list[str], out: Path, cache: Path) -> tuple[float, dict]:
+def run(args: list[str], out: Path, cache: Path, config: Path = QUICKSTART) -> tuple[float, dict]:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "functionalnetworkssft", "train", "--config", str(QUICKSTART),
+    result = subprocess.run([sys.executable, "-m", "functionalnetworkssft", "train", "--config", str(config),
                              "--output_dir", str(out), "--overwrite_output_dir", *args],
-                            capture_output=True, text=True, env={**os.environ, "FNSFT_CACHE": str(cache)})
+                            capture_output=True, text=True, env={**os.environ, "FNSFT_CACHE": str(cache)}, cwd=ROOT)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"fnsft train {' '.join(args)} failed:\n{result.stderr[-3000:]}")
@@ -59,6 +59,16 @@ def main() -> None:
     # The GGUF conversion and tokenized data come from the user's cache (as in a rerun of the quickstart); only the
     # probe's text is kept apart, so that "written first" really writes it.
     shared = cache_dir()
+    import yaml
+
+    # The steps alone: no evaluation, probe, samples or merge around them.
+    steps_only = work / "steps.yaml"
+    settings = yaml.safe_load(QUICKSTART.read_text())
+    for key in ("sample_prompts", "merge_adapter_with_base", "eval_steps"):
+        settings.pop(key, None)
+    settings.update(validation_split=0.0, eval_strategy="no", forgetting_probe="off",
+                    dataset_name_or_path=str(ROOT / settings["dataset_name_or_path"]))
+    steps_only.write_text(yaml.safe_dump(settings))
     results: dict[str, list] = {name: [] for name in (*PROBE_ARMS, *STEP_ARMS)}
     try:
         for repeat in range(args.repeats):
@@ -78,12 +88,11 @@ def main() -> None:
                 results[name].append({"wall_s": round(wall, 2), **info})
                 print(f"[{repeat}] {name}: {wall:.1f} s wall", file=sys.stderr, flush=True)
             for name, extra in STEP_ARMS.items():
-                off = ["--forgetting_probe", "off", "--eval_strategy", "no", "--validation_split", "0",
-                       "--merge_adapter_with_base", "false", "--sample_prompts"]
-                _, info = run(off + extra, work / "out", shared)
+                _, info = run(extra, work / "out", shared, steps_only)
                 per_step = info["train_runtime"] / info["steps"]
                 results[name].append({"s_per_step": round(per_step, 3), **info})
                 print(f"[{repeat}] {name}: {per_step:.2f} s per step", file=sys.stderr, flush=True)
+        approximation = top_k_error(work / "out" / "final_model")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -97,6 +106,7 @@ def main() -> None:
         step = statistics.median(r["s_per_step"] for r in results[name])
         summary[name] = {"s_per_step": step, "vs_plain": round(step / plain, 3)}
     report = {"date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "runs": results, "summary": summary,
+              "top_k_approximation": approximation,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count()}}
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
@@ -106,6 +116,39 @@ def main() -> None:
             print(f"| {name} | {row['wall_s']:.1f} s per run | probe share {row['share_of_run']:+.1%} |")
         else:
             print(f"| {name} | {row['s_per_step']:.2f} s per step | {row['vs_plain']:.2f}x plain |")
+    print(f"\nTop-{approximation['k']} snapshot (full fine-tuning's probe) on the last run's adapter: KL "
+          f"{approximation['top_k_kl']:.5f} against the exact {approximation['exact_kl']:.5f} nats per token "
+          f"({approximation['relative_error']:+.2%}).")
+
+
+def top_k_error(adapter: Path) -> dict:
+    """Full fine-tuning's probe reads the base from a top-k snapshot: its KL against the exact one (the adapter
+    switched off) for a model the quickstart trained, on the probe's own windows."""
+    import torch
+    from peft import PeftModel
+
+    from functionalnetworkssft import modeling
+    from functionalnetworkssft.forgetting import reference, text
+    from functionalnetworkssft.forgetting.probe import ForgettingProbe
+    from functionalnetworkssft.forgetting.plan import fingerprint
+    from functionalnetworkssft.training.config import TrainConfig
+
+    cfg = TrainConfig(model_name_or_path=yaml_value("model_name_or_path"), output_dir="unused")
+    source = modeling.resolve(cfg.model_name_or_path)
+    tokenizer = modeling.load_tokenizer(source)
+    base = modeling.load_model(source, torch.float32).eval()
+    windows = text.generated(base, tokenizer, text.PROBE_WINDOWS, cfg.seed, fingerprint(source, cfg))
+    snapshot = reference.TopK.of(base, torch.tensor(windows))
+    tuned = PeftModel.from_pretrained(base, str(adapter)).eval()
+    exact = ForgettingProbe(windows, reference.AdapterOff()).measure(tuned)["forgetting_kl"]
+    approx = ForgettingProbe(windows, snapshot).measure(tuned)["forgetting_kl"]
+    return {"k": reference.TOP_K, "exact_kl": exact, "top_k_kl": approx, "relative_error": (approx - exact) / exact}
+
+
+def yaml_value(key: str):
+    import yaml
+
+    return yaml.safe_load(QUICKSTART.read_text())[key]
 
 
 if __name__ == "__main__":

@@ -16,9 +16,17 @@ from functionalnetworkssft.forgetting.divergence import kl_to_base, masked_targe
 
 GUARDS = ("none", "kl", "masked_kl", "replay")
 WINDOWS_PER_STEP = 4
+MAX_WINDOWS = 64
 # lambda when --forgetting_weight is not given: the pilot's kl setting (93% of the gain kept at 96% less KL);
 # replay's loss is an NLL of a few nats, so it needs no amplification.
 DEFAULT_WEIGHTS = {"kl": 10.0, "masked_kl": 10.0, "replay": 1.0}
+
+
+def windows_per_micro_batch(share: float, task_tokens: float, window_tokens: int) -> int:
+    """How many general-text windows guard a micro-batch of `task_tokens` tokens (--forgetting_guard_share). A
+    guard token costs about 1.4 task tokens (its forward and backward, plus the base's forward), so the default
+    share of 0.25 keeps a guarded step near a third dearer than a plain one (benchmarks/forgetting_cost.py)."""
+    return max(1, min(MAX_WINDOWS, round(share * task_tokens / window_tokens)))
 
 
 class ForgettingGuard:

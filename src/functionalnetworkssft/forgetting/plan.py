@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from functionalnetworkssft.forgetting import reference, text
-from functionalnetworkssft.forgetting.guard import DEFAULT_WEIGHTS, ForgettingGuard
+from functionalnetworkssft.forgetting.guard import DEFAULT_WEIGHTS, ForgettingGuard, windows_per_micro_batch
 from functionalnetworkssft.forgetting.probe import AGREEMENT_KEY, KL_KEY, NLL_KEY, ForgettingProbe
 
 
@@ -23,8 +23,9 @@ class ForgettingPlan:
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, cfg, model, tokenizer, fingerprint: str) -> ForgettingPlan | None:
-        """The plan of a run (None when it neither measures nor guards). `model` is the base, before training."""
+    def create(cls, cfg, model, tokenizer, fingerprint: str, tokens_per_example: float = 0.0) -> ForgettingPlan | None:
+        """The plan of a run (None when it neither measures nor guards). `model` is the base, before training;
+        `tokens_per_example` the training set's mean, which sets how much general text the guard reads per step."""
         from functionalnetworkssft import distributed
 
         probing = cfg.forgetting_probe == "on"
@@ -62,14 +63,15 @@ class ForgettingPlan:
         probe = ForgettingProbe(general.probe, base) if probing else None
         if probe is not None:
             probe.reuse_same_step = not cfg.load_best_model_at_end
-        guard = ForgettingGuard(kind, weight, general.stream, base, distributed.rank(), distributed.world_size()) \
-            if guarding else None
+        task_tokens = cfg.per_device_train_batch_size * (cfg.max_seq_length if cfg.packing else tokens_per_example)
+        guard = ForgettingGuard(kind, weight, general.stream, base, distributed.rank(), distributed.world_size(),
+                                windows_per_micro_batch(cfg.forgetting_guard_share, task_tokens, text.WINDOW_TOKENS)) if guarding else None
         details = {"text": general.origin, "probe_windows": len(general.probe), "window_tokens": text.WINDOW_TOKENS,
                    "base_distribution": base.describe}
         if guard is not None:
             details["guard"] = {"kind": kind, "weight": weight}
             if streaming:
-                details["guard"].update(stream_windows=len(general.stream), windows_per_step=guard.per_step,
+                details["guard"].update(stream_windows=len(general.stream), windows_per_micro_batch=guard.per_step,
                                         dropped_for_sharing_ngrams_with_probe=general.dropped, ngram=text.NGRAM)
         return cls(probe, guard, general.origin, base, details)
 

@@ -252,6 +252,10 @@ class TrainConfig(Options):
         "masked_kl: KL on the training batch over the vocabulary without the target token (no general text); "
         "replay: language-modelling loss on general text. The base is the adapter switched off (LoRA, QLoRA) or a "
         "frozen copy (full fine-tuning).", default="none")
+    forgetting_guard_share: float = arg(
+        "General-text tokens the kl and replay guards read per micro-batch, as a share of the task's own tokens (at "
+        "least one 96-token window): more holds the base's behaviour on more contexts, and each 0.25 costs about a "
+        "third of a plain step.", default=0.25, positive=True, maximum=4)
     forgetting_weight: float | None = arg(
         "The guard's weight lambda in task + lambda * guard (default: 10 for kl and masked_kl, 1 for replay); 0 "
         "trains exactly as without the guard.", default=None, minimum=0)
@@ -376,6 +380,9 @@ class TrainConfig(Options):
             found.append("--ica_component_ids must be non-negative component numbers.")
         if self.forgetting_weight is not None and self.forgetting_guard == "none":
             found.append("--forgetting_weight needs --forgetting_guard kl, masked_kl or replay.")
+        if self.forgetting_guard_share != 0.25 and self.forgetting_guard not in ("kl", "replay"):
+            found.append("--forgetting_guard_share sets how much general text the kl and replay guards read; add "
+                         "--forgetting_guard kl or replay, or drop it.")
         if self.forgetting_dataset is not None and (missing := missing_local(self.forgetting_dataset.strip(),
                                                                              "file")):
             found.append(f"--forgetting_dataset {self.forgetting_dataset}: {missing}; give a text file or a dataset.")

@@ -105,7 +105,9 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
         quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
         network = plan_network(cfg, model, train_set, templates) if cfg.mask_mode != "none" else None
 
-        forgetting_plan = forgetting.ForgettingPlan.create(cfg, model, tokenizer, forgetting.fingerprint(source, cfg))
+        total_tokens, _ = data.token_counts(train_set)
+        forgetting_plan = forgetting.ForgettingPlan.create(cfg, model, tokenizer, forgetting.fingerprint(source, cfg),
+                                                           total_tokens / max(1, len(train_set)))
 
         samples = {p: {"before": sample_reply(model, tokenizer, p, cfg.sample_max_new_tokens)}
                    for p in (cfg.sample_prompts if main else [])}
