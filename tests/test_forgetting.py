@@ -343,3 +343,31 @@ def test_the_model_card_states_the_measured_forgetting_and_the_guard():
     assert "- Forgetting guard: kl (weight 10.0)" in card
     assert "KL(base || tuned) 0.0032 nats per token, next-token agreement with the base 97.1%" in card
     assert "/home/someone" not in card and "general.txt" in card
+
+
+def test_forged_cached_text_is_written_again_not_fed_to_the_model(tiny_llama, tmp_path, monkeypatch):
+    """A cache entry with token ids outside the vocabulary (damaged or planted) would index past the embedding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("FNSFT_CACHE", str(tmp_path / "cache"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    first = text.generated(model, tokenizer, 2, 0, "fingerprint")
+    entry = next((tmp_path / "cache" / "general_text").glob("*.json"))
+    entry.write_text(json.dumps([[10**9] * text.WINDOW_TOKENS] * 2))
+    assert text.generated(model, tokenizer, 2, 0, "fingerprint") == first
+    assert json.loads(entry.read_text()) == first
+
+
+def test_too_little_general_text_and_the_training_data_itself_are_refused(tiny_llama, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    data = toy(tmp_path, 8)
+    code = train("--model_name_or_path", tiny_llama, "--dataset_name_or_path", data, "--output_dir",
+                 tmp_path / "out", "--use_peft", "--max_steps", "1", "--forgetting_dataset", short)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--forgetting_dataset short.txt" in last and "at least 2" in last, last
+    code = train("--model_name_or_path", tiny_llama, "--dataset_name_or_path", data, "--output_dir",
+                 tmp_path / "out", "--use_peft", "--forgetting_dataset", data)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "is the training data" in last, last

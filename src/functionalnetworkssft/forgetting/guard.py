@@ -16,7 +16,9 @@ from functionalnetworkssft.forgetting.divergence import kl_to_base, masked_targe
 
 GUARDS = ("none", "kl", "masked_kl", "replay")
 WINDOWS_PER_STEP = 4
-MAX_WINDOWS = 64
+# The guard's logits are windows x 96 x vocabulary floats, several times over in the KL and its backward: 16
+# windows of a 128k vocabulary are about 0.8 GB per copy.
+MAX_WINDOWS = 16
 # lambda when --forgetting_weight is not given: the pilot's kl setting (93% of the gain kept at 96% less KL);
 # replay's loss is an NLL of a few nats, so it needs no amplification.
 DEFAULT_WEIGHTS = {"kl": 10.0, "masked_kl": 10.0, "replay": 1.0}

@@ -64,8 +64,9 @@ class ForgettingPlan:
         if probe is not None:
             probe.reuse_same_step = not cfg.load_best_model_at_end
         task_tokens = cfg.per_device_train_batch_size * (cfg.max_seq_length if cfg.packing else tokens_per_example)
+        per_step = windows_per_micro_batch(cfg.forgetting_guard_share, task_tokens, text.WINDOW_TOKENS)
         guard = ForgettingGuard(kind, weight, general.stream, base, distributed.rank(), distributed.world_size(),
-                                windows_per_micro_batch(cfg.forgetting_guard_share, task_tokens, text.WINDOW_TOKENS)) if guarding else None
+                                per_step) if guarding else None
         details = {"text": general.origin, "probe_windows": len(general.probe), "window_tokens": text.WINDOW_TOKENS,
                    "base_distribution": base.describe}
         if guard is not None:

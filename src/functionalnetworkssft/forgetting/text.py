@@ -61,7 +61,11 @@ def disjoint(candidates: list[list[int]], evaluation: list[list[int]], n: int = 
 def split(windows: list[list[int]], origin: str, probe_count: int = PROBE_WINDOWS) -> GeneralText:
     """The first windows (spread over the text) measure; the rest, once filtered against them, guard."""
     if len(windows) < 2:
-        raise ValueError(f"{origin} gives {len(windows)} window(s) of {WINDOW_TOKENS} tokens; it needs at least 2")
+        from functionalnetworkssft.errors import UsageError
+
+        raise UsageError(f"--forgetting_dataset {origin}: its text makes {len(windows)} window(s) of {WINDOW_TOKENS} "
+                         f"tokens, and the probe and guard need at least 2 (about {2 * WINDOW_TOKENS} tokens); give "
+                         "more text.")
     count = min(probe_count, max(1, len(windows) // 4)) if len(windows) < 4 * probe_count else probe_count
     step = len(windows) / count
     chosen = {int(i * step) for i in range(count)}
@@ -94,12 +98,13 @@ def generated(model, tokenizer, count: int, seed: int, fingerprint: str) -> list
     cached = cache_dir() / "general_text" / f"{key}.json"
     try:
         windows = json.loads(cached.read_text())
+        vocabulary = len(tokenizer)
         if isinstance(windows, list) and len(windows) == count and all(
-                isinstance(w, list) and len(w) == WINDOW_TOKENS and all(isinstance(t, int) for t in w)
-                for w in windows):
+                isinstance(w, list) and len(w) == WINDOW_TOKENS
+                and all(isinstance(t, int) and 0 <= t < vocabulary for t in w) for w in windows):
             return windows
-    except (OSError, ValueError):
-        pass  # missing or damaged: written again below
+    except (OSError, ValueError, RecursionError):
+        pass  # missing, damaged or forged: written again below
     windows = _sample(model, tokenizer, count, seed)
     from functionalnetworkssft import distributed
     from functionalnetworkssft.outputs import write_text_atomic

@@ -386,6 +386,9 @@ class TrainConfig(Options):
         if self.forgetting_dataset is not None and (missing := missing_local(self.forgetting_dataset.strip(),
                                                                              "file")):
             found.append(f"--forgetting_dataset {self.forgetting_dataset}: {missing}; give a text file or a dataset.")
+        if self.forgetting_dataset and self.forgetting_dataset.strip() in [s.name.strip() for s in self.sources()]:
+            found.append(f"--forgetting_dataset {self.forgetting_dataset} is the training data: the probe would "
+                         "measure forgetting on what the run learns; give general text the run does not train on.")
         found.extend(self._trainer_problems())
         if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             found.append("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel.")

@@ -34,7 +34,8 @@ def describe_data(raw: data.RawData, train_set, eval_set, tokenizer) -> None:
 
 def save_results(cfg: TrainConfig, folder: OutputFolder, trainer, tokenizer, source: modeling.ModelSource,
                   raw: data.RawData, quant, quantized_modules: list[str], samples: dict[str, dict[str, str]],
-                  network: networks.NetworkPlan | None, forgetting_plan: forgetting.ForgettingPlan | None = None) -> Path:
+                  network: networks.NetworkPlan | None,
+                  forgetting_plan: forgetting.ForgettingPlan | None = None) -> Path:
     """final_model/ (+ its training record), trainer_state.json, loss.png, adapter/, samples.json."""
     final_dir = folder.record("final_model")
     trainer.save_model(str(final_dir))  # on every process: sharded engines gather the weights collectively

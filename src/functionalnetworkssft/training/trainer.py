@@ -174,7 +174,8 @@ class ProbeAtEnds(TrainerCallback):
         self.probe, self.trainer = probe, None
 
     def _log(self, state) -> None:
-        if self.probe.reuse_same_step and self.probe.history and self.probe.history[-1].get("step") == state.global_step:
+        last = self.probe.history[-1] if self.probe.history else {}
+        if self.probe.reuse_same_step and last.get("step") == state.global_step:
             return  # this step's evaluation measured it already
         trainer = self.trainer
         measured = self.probe.measure(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
