@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from functionalnetworkssft import networks
-from functionalnetworkssft.forgetting import ForgettingPlan, ForgettingProbe, guarded_loss
+from functionalnetworkssft.forgetting import ForgettingPlan, ProbeAtEnds, guarded_loss
 from functionalnetworkssft.training.config import TrainConfig
 from functionalnetworkssft.training.guard import RunGuard
 
@@ -165,24 +163,3 @@ def plan_network(cfg: TrainConfig, model, train_set, templates: networks.Templat
     return networks.NetworkPlan.create(model, templates, cfg.mask_mode, cfg.ica_component_ids or None,
                                        cfg.ica_mask_layers, source, built)
 
-
-class ProbeAtEnds(TrainerCallback):
-    """The forgetting probe at the start of training and at its end, logged like an evaluation (the evaluations in
-    between measure it in their own record)."""
-
-    def __init__(self, probe: ForgettingProbe):
-        self.probe, self.trainer = probe, None
-
-    def _log(self, state) -> None:
-        last = self.probe.history[-1] if self.probe.history else {}
-        if self.probe.reuse_same_step and last.get("step") == state.global_step:
-            return  # this step's evaluation measured it already
-        trainer = self.trainer
-        measured = self.probe.measure(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
-        trainer.log({f"eval_{key}": value for key, value in measured.items()})
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._log(state)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._log(state)
