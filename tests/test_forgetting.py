@@ -247,7 +247,7 @@ def test_the_probe_is_part_of_every_evaluation_record_and_the_summary(tiny_llama
     start = next(h for h in history(out) if "eval_forgetting_kl" in h)
     assert start["step"] == 0 and start["eval_forgetting_kl"] == 0 and start["eval_base_agreement"] == 1
     printed = capsys.readouterr().out
-    assert "Forgetting: on 1520 tokens of text the base model wrote" in printed
+    assert "Forgetting: on 1008 tokens of text the base model wrote" in printed
 
 
 def test_probe_off_measures_nothing(tiny_gpt2, tmp_path):
@@ -328,7 +328,7 @@ def test_two_processes_train_with_the_guard_and_report_forgetting_once(tiny_llam
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("Forgetting: on 1520 tokens") == 1
+    assert result.stdout.count("Forgetting: on 1008 tokens") == 1
     measured = [h["step"] for h in history(out) if "eval_forgetting_kl" in h]
     assert measured == [0, 3]
 

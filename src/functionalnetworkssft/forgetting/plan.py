@@ -19,7 +19,6 @@ class ForgettingPlan:
     probe: ForgettingProbe | None
     guard: ForgettingGuard | None
     origin: str
-    base: Any
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -40,7 +39,7 @@ class ForgettingPlan:
                                  f"{Path(cfg.forgetting_dataset).name}")
         else:
             seed = cfg.seed
-            probe_windows = text.generated(model, tokenizer, text.PROBE_WINDOWS, seed, fingerprint)
+            probe_windows = text.generated(model, tokenizer, text.PROBE_WINDOWS, seed, fingerprint, text.PROBE_TOKENS)
             stream = text.generated(model, tokenizer, text.GUARD_WINDOWS, seed + 1, fingerprint) if streaming else []
             stream, dropped = text.disjoint(stream, probe_windows)
             general = text.GeneralText(probe_windows, stream, "text the base model wrote from neutral prompts",
@@ -51,30 +50,36 @@ class ForgettingPlan:
             raise UsageError(f"--forgetting_dataset {cfg.forgetting_dataset}: no window of its text is left for the "
                              "guard once those that share a 13-token sequence with the probe's are removed; give "
                              "more (and more varied) text.")
-        if cfg.use_peft:
-            base = reference.AdapterOff()
-        elif guarding:
-            reference.refuse(reference.copy_problem(model, f"--forgetting_guard {kind}"))
-            base = reference.FrozenCopy(model)
-        else:
+        base = None
+        if guarding:
+            if cfg.use_peft:
+                base = reference.AdapterOff()
+            else:
+                reference.refuse(reference.copy_problem(model, f"--forgetting_guard {kind}"))
+                base = reference.FrozenCopy(model)
+        probe = None
+        if probing:
             import torch
 
-            base = reference.TopK.of(model, torch.tensor(general.probe))
-        probe = ForgettingProbe(general.probe, base) if probing else None
-        if probe is not None:
+            # The base's distribution on the probe's text never changes: read once, now, from the model before
+            # training, so that each later measurement is a single forward of the tuned model.
+            probe = ForgettingProbe(general.probe, reference.TopK.of(model, torch.tensor(general.probe)))
             probe.reuse_same_step = not cfg.load_best_model_at_end
         task_tokens = cfg.per_device_train_batch_size * (cfg.max_seq_length if cfg.packing else tokens_per_example)
         per_step = windows_per_micro_batch(cfg.forgetting_guard_share, task_tokens, text.WINDOW_TOKENS)
         guard = ForgettingGuard(kind, weight, general.stream, base, distributed.rank(), distributed.world_size(),
                                 per_step) if guarding else None
-        details = {"text": general.origin, "probe_windows": len(general.probe), "window_tokens": text.WINDOW_TOKENS,
-                   "base_distribution": base.describe}
+        details = {"text": general.origin}
+        if probe is not None:
+            details.update(probe_windows=len(general.probe), probe_window_tokens=len(general.probe[0]),
+                           probe_base_distribution=probe.base.describe)
         if guard is not None:
-            details["guard"] = {"kind": kind, "weight": weight}
+            details["guard"] = {"kind": kind, "weight": weight, "base_distribution": base.describe,
+                                "window_tokens": text.WINDOW_TOKENS}
             if streaming:
                 details["guard"].update(stream_windows=len(general.stream), windows_per_micro_batch=guard.per_step,
                                         dropped_for_sharing_ngrams_with_probe=general.dropped, ngram=text.NGRAM)
-        return cls(probe, guard, general.origin, base, details)
+        return cls(probe, guard, general.origin, details)
 
     def record(self) -> dict[str, Any]:
         """For fnsft_training.json and the model card."""

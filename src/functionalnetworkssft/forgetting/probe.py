@@ -35,6 +35,12 @@ class ForgettingProbe:
 
         if self.reuse_same_step and step is not None and self.history and self.history[-1].get("step") == step:
             return {k: v for k, v in self.history[-1].items() if k != "step"}
+        if step == 0 and hasattr(self.base, "values") and untrained(model):
+            # Before the first optimizer step the model is its base, exactly: nothing to run.
+            self.base_nll = self.base.nll
+            result = {KL_KEY: 0.0, AGREEMENT_KEY: 1.0, NLL_KEY: 0.0}
+            self.history.append({"step": step, **result})
+            return result
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -69,3 +75,19 @@ class ForgettingProbe:
             self.history.pop()  # measured again at the same step (the final evaluation after training's end)
         self.history.append({"step": step, **result} if step is not None else dict(result))
         return result
+
+
+def untrained(model) -> bool:
+    """Whether `model`, before its first optimizer step, computes exactly what its base does: its own weights are
+    the base's, and a fresh LoRA adds B A = 0 (B starts at zero). DoRA's rescaling is the identity only in exact
+    arithmetic, so it is measured."""
+    import torch
+
+    if not hasattr(model, "peft_config"):
+        return True
+    for name, parameter in model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            return False
+        if "lora_B" in name and torch.count_nonzero(parameter):
+            return False
+    return True

@@ -1,9 +1,9 @@
 """Where the base model's next-token distribution comes from while the model trains.
 
-- LoRA and QLoRA: the same model with its adapter switched off (no extra weights, exact).
-- Full fine-tuning with a guard: a frozen copy of the base, made before training (exact; refused where it cannot fit).
-- Full fine-tuning with only the probe: the base's top-k log-probabilities on the probe's windows, computed once
-  before training (bounded memory; the KL's approximation error is stated in `TopK`).
+- The guards, LoRA and QLoRA: the same model with its adapter switched off (no extra weights, exact).
+- The guards, full fine-tuning: a frozen copy of the base, made before training (exact; refused where it cannot fit).
+- The probe: the base's top-k log-probabilities on its fixed windows, computed once before training from the base
+  itself (bounded memory, one forward per later measurement; the KL's approximation error is stated in `TopK`).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class TopK:
     indices: object  # [N, T, k] int64 token ids
     nll: float  # the base's NLL per token on the windows
     exact = False
-    describe = f"the base's top-{TOP_K} log-probabilities, computed before training"
+    describe = f"the base's top-{TOP_K} log-probabilities and the rest's total, read once before training"
 
     @classmethod
     def of(cls, model, windows, k: int = TOP_K) -> TopK:

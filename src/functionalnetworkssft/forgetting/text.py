@@ -12,6 +12,9 @@ from pathlib import Path
 from functionalnetworkssft.paths import cache_dir
 
 WINDOW_TOKENS = 96
+# The probe reads 16 windows of 64 tokens: 1,008 predicted tokens, in two forwards of 8 short rows (what that costs
+# at the quickstart's settings is measured by benchmarks/forgetting_cost.py).
+PROBE_TOKENS = 64
 PROBE_WINDOWS = 16
 GUARD_WINDOWS = 64
 # Windows that share an n-gram of this many tokens with a probe window are dropped from the guard's stream: 13, the
@@ -71,7 +74,7 @@ def split(windows: list[list[int]], origin: str, probe_count: int = PROBE_WINDOW
     chosen = {int(i * step) for i in range(count)}
     probe = [w for i, w in enumerate(windows) if i in chosen]
     stream, dropped = disjoint([w for i, w in enumerate(windows) if i not in chosen], probe)
-    return GeneralText(probe, stream, origin, dropped)
+    return GeneralText([w[:PROBE_TOKENS] for w in probe], stream, origin, dropped)
 
 
 def from_file(path: str, tokenizer, max_length: int) -> list[list[int]]:
@@ -90,22 +93,23 @@ def from_file(path: str, tokenizer, max_length: int) -> list[list[int]]:
     return cut(joined)
 
 
-def generated(model, tokenizer, count: int, seed: int, fingerprint: str) -> list[list[int]]:
-    """`count` windows of text the base writes from the neutral prompts, sampled at temperature 1 (its own
-    distribution, so the KL measured on them estimates how far the tuned model's writing drifts from the base's).
-    Cached under the model's fingerprint: a rerun on the same base reads them back."""
-    key = hashlib.sha256(json.dumps([fingerprint, count, seed, WINDOW_TOKENS, PROMPTS]).encode()).hexdigest()[:20]
+def generated(model, tokenizer, count: int, seed: int, fingerprint: str,
+              length: int = WINDOW_TOKENS) -> list[list[int]]:
+    """`count` windows of `length` tokens the base writes from the neutral prompts, sampled at temperature 1 (its
+    own distribution, so the KL measured on them estimates how far the tuned model's writing drifts from the
+    base's). Cached under the model's fingerprint: a rerun on the same base reads them back."""
+    key = hashlib.sha256(json.dumps([fingerprint, count, seed, length, PROMPTS]).encode()).hexdigest()[:20]
     cached = cache_dir() / "general_text" / f"{key}.json"
     try:
         windows = json.loads(cached.read_text())
         vocabulary = len(tokenizer)
         if isinstance(windows, list) and len(windows) == count and all(
-                isinstance(w, list) and len(w) == WINDOW_TOKENS
+                isinstance(w, list) and len(w) == length
                 and all(isinstance(t, int) and 0 <= t < vocabulary for t in w) for w in windows):
             return windows
     except (OSError, ValueError, RecursionError):
         pass  # missing, damaged or forged: written again below
-    windows = _sample(model, tokenizer, count, seed)
+    windows = _sample(model, tokenizer, count, seed, length)
     from functionalnetworkssft import distributed
     from functionalnetworkssft.outputs import write_text_atomic
 
@@ -118,7 +122,7 @@ def generated(model, tokenizer, count: int, seed: int, fingerprint: str) -> list
     return windows
 
 
-def _sample(model, tokenizer, count: int, seed: int) -> list[list[int]]:
+def _sample(model, tokenizer, count: int, seed: int, length: int) -> list[list[int]]:
     import torch
 
     from functionalnetworkssft import data
@@ -140,9 +144,9 @@ def _sample(model, tokenizer, count: int, seed: int) -> list[list[int]]:
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
-                                     top_k=0, max_new_tokens=WINDOW_TOKENS, min_new_tokens=WINDOW_TOKENS,
+                                     top_k=0, max_new_tokens=length, min_new_tokens=length,
                                      pad_token_id=pad, eos_token_id=None)
-            windows.extend(out[:, width:width + WINDOW_TOKENS].tolist())
+            windows.extend(out[:, width:width + length].tolist())
     finally:
         model.train(was_training)
         torch.random.set_rng_state(generator_state)  # the run's own randomness is what it would have been
