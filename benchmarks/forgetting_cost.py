@@ -6,6 +6,7 @@
 - The probe: wall time of the whole `make quickstart` command (fnsft train --config examples/quickstart.yaml) with
   --forgetting_probe off and on; on, with the base's probe text already cached (a rerun) and with it written first
   (the first run on a model). The issue's bound: at most 10% of the run's time.
+- The guards on the quickstart as it is: its last evaluation's validation loss and the probe's KL and agreement.
 - The guards: seconds per optimizer step (the Trainer's train_runtime over its steps, evaluation and probe off) of
   plain LoRA and of each guard at its default weight. The issue's bound for the kl guard: at most 1.35x plain.
 
@@ -29,8 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
-PROBE_ARMS = {"probe off": ["--forgetting_probe", "off"], "probe on (text cached)": [],
-              "probe on (text written first)": ["COLD"]}
+PROBE_ARMS = {"probe off": ["--forgetting_probe", "off"], "probe on (text written first)": ["COLD"],
+              "probe on (text cached)": []}
+# The quickstart as it is, with each guard: what it keeps of the task and of the base (its last evaluation).
+QUALITY_ARMS = {"kl guard, whole run": ["--forgetting_guard", "kl"],
+                "masked_kl guard, whole run": ["--forgetting_guard", "masked_kl"],
+                "replay guard, whole run": ["--forgetting_guard", "replay"]}
 STEP_ARMS = {"plain LoRA": [], "kl guard": ["--forgetting_guard", "kl"],
              "masked_kl guard": ["--forgetting_guard", "masked_kl"], "replay guard": ["--forgetting_guard", "replay"]}
 
@@ -45,13 +50,19 @@ def run(args: list[str], out: Path, cache: Path, config: Path = QUICKSTART) -> t
         sys.exit(f"fnsft train {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     summary = next(h for h in history if "train_runtime" in h)
-    return wall, {"train_runtime": summary["train_runtime"], "steps": history[-1]["step"]}
+    info = {"train_runtime": summary["train_runtime"], "steps": history[-1]["step"]}
+    evaluations = [h for h in history if "eval_loss" in h]
+    if evaluations:
+        last = evaluations[-1]
+        info.update({key: last[key] for key in ("eval_loss", "eval_forgetting_kl", "eval_base_agreement",
+                                                "eval_forgetting_nll_change") if key in last})
+    return wall, info
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True, help="results file (overwritten)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration, interleaved")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fnsft-cost-"))
     from functionalnetworkssft.paths import cache_dir
@@ -69,7 +80,7 @@ def main() -> None:
     settings.update(validation_split=0.0, eval_strategy="no", forgetting_probe="off",
                     dataset_name_or_path=str(ROOT / settings["dataset_name_or_path"]))
     steps_only.write_text(yaml.safe_dump(settings))
-    results: dict[str, list] = {name: [] for name in (*PROBE_ARMS, *STEP_ARMS)}
+    results: dict[str, list] = {name: [] for name in (*PROBE_ARMS, *QUALITY_ARMS, *STEP_ARMS)}
     try:
         for repeat in range(args.repeats):
             for name, extra in PROBE_ARMS.items():
@@ -83,8 +94,12 @@ def main() -> None:
                 if extra != ["COLD"] and (shared / "general_text").is_dir():
                     shutil.copytree(shared / "general_text", cache / "general_text")
                 wall, info = run([a for a in extra if a != "COLD"], work / "out", cache)
-                if extra != ["COLD"] and not (shared / "general_text").is_dir() and (cache / "general_text").is_dir():
-                    shutil.copytree(cache / "general_text", shared / "general_text")
+                if (cache / "general_text").is_dir():  # what this run wrote is the cached text of the next
+                    shutil.copytree(cache / "general_text", shared / "general_text", dirs_exist_ok=True)
+                results[name].append({"wall_s": round(wall, 2), **info})
+                print(f"[{repeat}] {name}: {wall:.1f} s wall", file=sys.stderr, flush=True)
+            for name, extra in QUALITY_ARMS.items():
+                wall, info = run(extra, work / "out", shared)
                 results[name].append({"wall_s": round(wall, 2), **info})
                 print(f"[{repeat}] {name}: {wall:.1f} s wall", file=sys.stderr, flush=True)
             for name, extra in STEP_ARMS.items():
@@ -102,6 +117,13 @@ def main() -> None:
     for name in PROBE_ARMS:
         wall = statistics.median(r["wall_s"] for r in results[name])
         summary[name] = {"wall_s": wall, "share_of_run": round((wall - off) / wall, 3)}
+    for name in QUALITY_ARMS:
+        summary[name] = {"wall_s": statistics.median(r["wall_s"] for r in results[name])}
+    for name in (*PROBE_ARMS, *QUALITY_ARMS):
+        for key in ("eval_loss", "eval_forgetting_kl", "eval_base_agreement"):
+            values = [r[key] for r in results[name] if key in r]
+            if values:
+                summary[name][key] = statistics.median(values)
     for name in STEP_ARMS:
         step = statistics.median(r["s_per_step"] for r in results[name])
         summary[name] = {"s_per_step": step, "vs_plain": round(step / plain, 3)}
@@ -110,12 +132,17 @@ def main() -> None:
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count()}}
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    print("| configuration | median | relative |\n|---|---|---|")
+    print("| configuration | median | relative | validation loss | KL(base||tuned) | agreement |")
+    print("|---|---|---|---|---|---|")
     for name, row in summary.items():
-        if "wall_s" in row:
-            print(f"| {name} | {row['wall_s']:.1f} s per run | probe share {row['share_of_run']:+.1%} |")
+        quality = " | ".join(f"{row[k]:.4f}" if k in row else "" for k in ("eval_loss", "eval_forgetting_kl",
+                                                                           "eval_base_agreement"))
+        if "share_of_run" in row:
+            print(f"| {name} | {row['wall_s']:.1f} s per run | probe share {row['share_of_run']:+.1%} | {quality} |")
+        elif "wall_s" in row:
+            print(f"| {name} | {row['wall_s']:.1f} s per run | | {quality} |")
         else:
-            print(f"| {name} | {row['s_per_step']:.2f} s per step | {row['vs_plain']:.2f}x plain |")
+            print(f"| {name} | {row['s_per_step']:.2f} s per step | {row['vs_plain']:.2f}x plain | | | |")
     print(f"\nTop-{approximation['k']} snapshot (full fine-tuning's probe) on the last run's adapter: KL "
           f"{approximation['top_k_kl']:.5f} against the exact {approximation['exact_kl']:.5f} nats per token "
           f"({approximation['relative_error']:+.2%}).")
@@ -137,7 +164,8 @@ def top_k_error(adapter: Path) -> dict:
     source = modeling.resolve(cfg.model_name_or_path)
     tokenizer = modeling.load_tokenizer(source)
     base = modeling.load_model(source, torch.float32).eval()
-    windows = text.generated(base, tokenizer, text.PROBE_WINDOWS, cfg.seed, fingerprint(source, cfg))
+    windows = text.generated(base, tokenizer, text.PROBE_WINDOWS, cfg.seed, fingerprint(source, cfg),
+                             text.PROBE_TOKENS)
     snapshot = reference.TopK.of(base, torch.tensor(windows))
     tuned = PeftModel.from_pretrained(base, str(adapter)).eval()
     exact = ForgettingProbe(windows, reference.AdapterOff()).measure(tuned)["forgetting_kl"]
