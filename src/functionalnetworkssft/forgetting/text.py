@@ -4,6 +4,7 @@ the guard's stream never share an n-gram: a guard that trained on the text that 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -128,11 +129,9 @@ def _sample(model, tokenizer, count: int, seed: int, length: int) -> list[list[i
     from functionalnetworkssft import data
 
     device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
     windows: list[list[int]] = []
-    was_training = model.training
-    model.eval()
-    try:
+    # The run's own randomness (CPU and the model's GPU) is what it would have been without this text.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _mode(model, training=False):
         torch.manual_seed(seed)
         for start in range(0, count, 8):
             prompts = [PROMPTS[(start + i) % len(PROMPTS)] for i in range(min(8, count - start))]
@@ -147,7 +146,14 @@ def _sample(model, tokenizer, count: int, seed: int, length: int) -> list[list[i
                                      top_k=0, max_new_tokens=length, min_new_tokens=length,
                                      pad_token_id=pad, eos_token_id=None)
             windows.extend(out[:, width:width + length].tolist())
+    return windows
+
+
+@contextlib.contextmanager
+def _mode(model, training: bool):
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
     finally:
         model.train(was_training)
-        torch.random.set_rng_state(generator_state)  # the run's own randomness is what it would have been
-    return windows
