@@ -114,6 +114,9 @@ def arm_specs() -> dict[str, dict]:
     for kind, weight in (("masked_kl", 10.0), ("masked_kl", DEFAULT_WEIGHTS["masked_kl"]),
                          ("replay", DEFAULT_WEIGHTS["replay"])):
         specs[f"{kind}{weight:g}"] = {"targets": "all", "lr": 1e-3, "guard": [kind, weight]}
+    # The product's default amount of guard text: --forgetting_guard_share 0.25 of the task's tokens per step (one
+    # window at this batch), where the arms above read 4 windows per step.
+    specs["kl10@share0.25"] = {"targets": "all", "lr": 1e-3, "guard": ["kl", 10.0], "share": 0.25}
     specs["kl10+lesion_ica10"] = {"targets": "down", "lr": 1e-3, "mask": ["lesion", "ica10"], "guard": ["kl", 10.0]}
     return specs
 
@@ -328,7 +331,8 @@ def evaluated(step: int, cfg: dict) -> bool:
 def run_arm(arm: str, spec: dict, seed: int, base, sets, networks: dict, cfg: dict, base_eval: dict, log) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from functionalnetworkssft.forgetting import ForgettingGuard
+    from functionalnetworkssft.forgetting import ForgettingGuard, text
+    from functionalnetworkssft.forgetting.guard import WINDOWS_PER_STEP, windows_per_micro_batch
     from functionalnetworkssft.forgetting.reference import AdapterOff
     from functionalnetworkssft.networks.layout import hidden_size
     from functionalnetworkssft.networks.masks import UpdateRestriction, keep_masks
@@ -347,7 +351,11 @@ def run_arm(arm: str, spec: dict, seed: int, base, sets, networks: dict, cfg: di
     guard = None
     if spec.get("guard"):
         kind, weight = spec["guard"]
-        guard = ForgettingGuard(kind, weight, sets["guard_stream"], AdapterOff())
+        per_step = WINDOWS_PER_STEP
+        if "share" in spec:
+            tokens = np.mean([len(e["input_ids"]) for e in sets["task_train"]]) * cfg["batch"]
+            per_step = windows_per_micro_batch(spec["share"], tokens, text.WINDOW_TOKENS)
+        guard = ForgettingGuard(kind, weight, sets["guard_stream"], AdapterOff(), per_step=per_step)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / cfg["steps"])
