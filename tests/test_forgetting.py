@@ -371,3 +371,14 @@ def test_too_little_general_text_and_the_training_data_itself_are_refused(tiny_l
                  tmp_path / "out", "--use_peft", "--forgetting_dataset", data)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "is the training data" in last, last
+
+
+def test_a_model_too_short_to_write_the_probe_text_is_refused_in_one_line(tmp_path, monkeypatch):
+    from functionalnetworkssft.errors import UsageError
+
+    monkeypatch.setenv("FNSFT_CACHE", str(tmp_path / "cache"))
+    tokenizer = build_tokenizer(chat=True)
+    model = build_model("llama", len(tokenizer), tokenizer)
+    model.config.max_position_embeddings = 48
+    with pytest.raises(UsageError, match="reads at most 48 tokens.*--forgetting_dataset"):
+        text.generated(model, tokenizer, 2, 0, "short", text.PROBE_TOKENS)

@@ -32,6 +32,7 @@ class ForgettingPlan:
         if not probing and kind == "none":
             return None
         weight = cfg.forgetting_weight if cfg.forgetting_weight is not None else DEFAULT_WEIGHTS.get(kind, 0.0)
+        _onto_training_device(model, cfg)
         guarding = kind != "none" and weight > 0  # lambda = 0 is the plain run, to the bit
         streaming = guarding and kind in ("kl", "replay")
         if cfg.forgetting_dataset:
@@ -99,6 +100,21 @@ class ForgettingPlan:
         return (f"Forgetting: on {self.probe.tokens} tokens of {self.origin}, the tuned model's next-token choice "
                 f"agrees with the base's {agreement:.1%} of the time; KL(base||tuned) is {kl:.4f} nats per token and "
                 f"its NLL there {'rose' if nll > 0 else 'fell'} by {abs(nll):.4f} nats per token.{guard}")
+
+
+def _onto_training_device(model, cfg) -> None:
+    """A base loaded on the CPU goes to the GPU it will train on now, not when the Trainer moves it: writing the
+    base's text and reading its distribution on the CPU would take minutes for a model of billions of weights. Left
+    alone under DeepSpeed or FSDP, which place (and shard) the model themselves."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cpu":
+        return
+    if any(key in cfg.trainer_overrides for key in ("deepspeed", "fsdp", "fsdp_config")):
+        return
+    model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0)))
 
 
 def fingerprint(source, cfg) -> str:

@@ -46,6 +46,9 @@ class FrozenCopy:
     def logits(self, model, **batch):
         import torch
 
+        device = next(iter(batch.values())).device
+        if next(self.model.parameters()).device != device:
+            self.model.to(device)  # made before the Trainer placed the model it copies
         with torch.no_grad():
             return self.model(**batch).logits
 

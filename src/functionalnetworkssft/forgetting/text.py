@@ -127,6 +127,7 @@ def _sample(model, tokenizer, count: int, seed: int, length: int) -> list[list[i
     import torch
 
     from functionalnetworkssft import data
+    from functionalnetworkssft.generate import context_length
 
     device = next(model.parameters()).device
     windows: list[list[int]] = []
@@ -138,6 +139,13 @@ def _sample(model, tokenizer, count: int, seed: int, length: int) -> list[list[i
             rows = [data.render_prompt_ids(tokenizer, [{"role": "user", "content": p}])
                     if data.has_chat_template(tokenizer) else tokenizer(p)["input_ids"] for p in prompts]
             width = max(len(r) for r in rows)
+            limit = context_length(model)
+            if limit is not None and width + length > limit:
+                from functionalnetworkssft.errors import UsageError
+
+                raise UsageError(f"the model reads at most {limit} tokens, too few to write the forgetting probe's "
+                                 f"text ({width} prompt and {length} new tokens); give --forgetting_dataset, or use "
+                                 "--forgetting_probe off and no kl or replay guard.")
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left-padded
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
