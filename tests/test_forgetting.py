@@ -382,3 +382,12 @@ def test_a_model_too_short_to_write_the_probe_text_is_refused_in_one_line(tmp_pa
     model.config.max_position_embeddings = 48
     with pytest.raises(UsageError, match="reads at most 48 tokens.*--forgetting_dataset"):
         text.generated(model, tokenizer, 2, 0, "short", text.PROBE_TOKENS)
+
+
+def test_a_fifo_given_as_general_text_is_refused_not_read_forever(tiny_llama, tmp_path, capsys):
+    fifo = tmp_path / "general.txt"
+    os.mkfifo(fifo)
+    code = train("--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 8), "--output_dir",
+                 tmp_path / "out", "--use_peft", "--max_steps", "1", "--forgetting_dataset", fifo)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "not a regular file" in last, last

@@ -40,8 +40,14 @@ class ForgettingGuard:
         self.kind, self.weight, self.base = kind, weight, base
         self.stream = torch.tensor(stream, dtype=torch.long) if stream else None
         self.rank, self.world, self.per_step = rank, world, per_step
-        self.last_term: float | None = None
         self._step, self._micro = -1, 0
+
+    def advance(self, step: int, accumulation: int) -> int:
+        """The run-wide index of this micro-batch: the optimizer step's first micro-batch, plus how many of that
+        step's came before it (the Trainer calls the loss once per micro-batch, in order)."""
+        self._micro = self._micro + 1 if step == self._step else 0
+        self._step = step
+        return step * accumulation + self._micro
 
     def windows(self, micro_step: int):
         """The windows of the `micro_step`-th micro-batch of the run (counted from its first step, on this process),
@@ -76,13 +82,11 @@ def guarded_loss(trainer, guard: ForgettingGuard, model, inputs, num_items_in_ba
     `task_loss(model, inputs, num_items_in_batch)` is TRL's own loss. The Trainer divides what this returns by the
     accumulation steps unless the loss is already normalised over the whole step; the guard's term, a mean over
     this micro-batch, is scaled to match, so lambda means the same at any --gradient_accumulation_steps."""
+    import torch
     import torch.nn.functional as F
 
     unwrapped = trainer.accelerator.unwrap_model(model)
-    step, accumulation = trainer.state.global_step, trainer.current_gradient_accumulation_steps
-    guard._micro = guard._micro + 1 if step == guard._step else 0
-    guard._step = step
-    micro_step = step * accumulation + guard._micro
+    micro_step = guard.advance(trainer.state.global_step, trainer.current_gradient_accumulation_steps)
     if guard.kind == "masked_kl":
         # TRL's fused head never builds the logits this term needs: one forward gives them, and the task's loss is
         # computed from them exactly as TRL computes it.
@@ -91,26 +95,19 @@ def guarded_loss(trainer, guard: ForgettingGuard, model, inputs, num_items_in_ba
         targets = inputs["labels"][:, 1:]
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum")
         count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
-        loss = nll / torch_tensor(count).clamp(min=1)
+        loss = nll / torch.as_tensor(count).clamp(min=1)
         if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * trainer.accelerator.num_processes
         term = guard.batch_term(unwrapped, inputs, logits)
     else:
         loss = task_loss(model, inputs, num_items_in_batch)
         term = guard.stream_term(unwrapped, micro_step)
-    guard.last_term = float(term.detach())
     metrics = getattr(trainer, "_metrics", None)  # TRL averages these into each training log record
     if metrics is not None:
-        metrics["train"]["forgetting_guard_loss"].append(guard.last_term)
+        metrics["train"]["forgetting_guard_loss"].append(float(term.detach()))
     scaled = trainer.loss_is_scaled_for_ga
     if scaled is None:
         scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) \
             or trainer.compute_loss_func is not None
     factor = 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
     return loss + (guard.weight * factor) * term
-
-
-def torch_tensor(value):
-    import torch
-
-    return torch.as_tensor(value)

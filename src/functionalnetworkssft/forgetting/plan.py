@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.forgetting import reference, text
 from functionalnetworkssft.forgetting.guard import DEFAULT_WEIGHTS, ForgettingGuard, windows_per_micro_batch
 from functionalnetworkssft.forgetting.probe import AGREEMENT_KEY, KL_KEY, NLL_KEY, ForgettingProbe
@@ -37,7 +38,7 @@ class ForgettingPlan:
         streaming = guarding and kind in ("kl", "replay")
         if cfg.forgetting_dataset:
             general = text.split(text.from_file(cfg.forgetting_dataset, tokenizer, cfg.max_seq_length),
-                                 f"{Path(cfg.forgetting_dataset).name}")
+                                 Path(cfg.forgetting_dataset).name)
         else:
             seed = cfg.seed
             probe_windows = text.generated(model, tokenizer, text.PROBE_WINDOWS, seed, fingerprint, text.PROBE_TOKENS)
@@ -46,17 +47,19 @@ class ForgettingPlan:
             general = text.GeneralText(probe_windows, stream, "text the base model wrote from neutral prompts",
                                        dropped)
         if streaming and not general.stream:
-            from functionalnetworkssft.errors import UsageError
-
-            raise UsageError(f"--forgetting_dataset {cfg.forgetting_dataset}: no window of its text is left for the "
-                             "guard once those that share a 13-token sequence with the probe's are removed; give "
-                             "more (and more varied) text.")
+            where = (f"--forgetting_dataset {cfg.forgetting_dataset}: no window of its text" if cfg.forgetting_dataset
+                     else "no window of the text the base wrote")
+            raise UsageError(f"{where} is left for the guard once those that share a {text.NGRAM}-token sequence "
+                             "with the probe's are removed; give more (and more varied) text with "
+                             "--forgetting_dataset.")
         base = None
         if guarding:
             if cfg.use_peft:
                 base = reference.AdapterOff()
             else:
-                reference.refuse(reference.copy_problem(model, f"--forgetting_guard {kind}"))
+                problem = reference.copy_problem(model, f"--forgetting_guard {kind}")
+                if problem:
+                    raise UsageError(problem)
                 base = reference.FrozenCopy(model)
         probe = None
         if probing:

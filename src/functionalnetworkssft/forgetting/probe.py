@@ -4,6 +4,7 @@ measured at the start, at every evaluation and at the end of a run."""
 from __future__ import annotations
 
 from functionalnetworkssft.forgetting.divergence import token_kl
+from functionalnetworkssft.forgetting.reference import TopK
 
 # Logged like eval_loss, so every report_to tracker receives them.
 KL_KEY, AGREEMENT_KEY, NLL_KEY = "forgetting_kl", "base_agreement", "forgetting_nll_change"
@@ -35,7 +36,8 @@ class ForgettingProbe:
 
         if self.reuse_same_step and step is not None and self.history and self.history[-1].get("step") == step:
             return {k: v for k, v in self.history[-1].items() if k != "step"}
-        if step == 0 and hasattr(self.base, "values") and untrained(model):
+        snapshot = isinstance(self.base, TopK)
+        if step == 0 and snapshot and untrained(model):
             # Before the first optimizer step the model is its base, exactly: nothing to run.
             self.base_nll = self.base.nll
             result = {KL_KEY: 0.0, AGREEMENT_KEY: 1.0, NLL_KEY: 0.0}
@@ -53,7 +55,7 @@ class ForgettingProbe:
                     targets = ids[:, 1:]
                     tuned = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
                     nll_sum += float(-tuned.gather(-1, targets[..., None]).sum())
-                    if hasattr(self.base, "values"):  # top-k snapshot
+                    if snapshot:
                         kl_sum += float(self.base.kl(tuned, rows).sum())
                         agree += float((self.base.top1(rows).to(device) == tuned.argmax(-1)).sum())
                     else:
@@ -68,7 +70,7 @@ class ForgettingProbe:
         count = self.tokens
         nll = nll_sum / count
         if self.base_nll is None:
-                self.base_nll = self.base.nll if hasattr(self.base, "values") else base_nll_sum / count
+            self.base_nll = self.base.nll if snapshot else base_nll_sum / count
         # A KL is never negative; float rounding around an unchanged model can make the sum a hair below 0.
         result = {KL_KEY: max(0.0, kl_sum / count), AGREEMENT_KEY: agree / count, NLL_KEY: nll - self.base_nll}
         if step is not None and self.history and self.history[-1].get("step") == step:

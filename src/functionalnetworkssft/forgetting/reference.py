@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from functionalnetworkssft.errors import UsageError
-
 # On the quickstart's trained adapter the lumped tail made the KL 9.5% low at k = 256, 3.8% at 1024 and 1.0% at 4096
 # (benchmarks/forgetting_cost.py): 4096 it is, 33 MB for the probe's 1,008 positions.
 TOP_K = 4096
@@ -20,7 +18,6 @@ TOP_K = 4096
 class AdapterOff:
     """The base is the PEFT model with its adapter disabled."""
 
-    exact = True
     describe = "the base: the same model with the adapter switched off"
 
     def logits(self, model, **batch):
@@ -33,7 +30,6 @@ class AdapterOff:
 class FrozenCopy:
     """A frozen copy of the base, taken before training changes it."""
 
-    exact = True
     describe = "the base: a frozen copy taken before training"
 
     def __init__(self, model):
@@ -82,7 +78,6 @@ def _size(count: int) -> str:
     return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
 
 
-
 @dataclass
 class TopK:
     """The base's top-k log-probabilities at each position of fixed windows, plus the probability left over.
@@ -95,7 +90,6 @@ class TopK:
     values: object  # [N, T, k] float32 log-probabilities
     indices: object  # [N, T, k] int32 token ids
     nll: float  # the base's NLL per token on the windows
-    exact = False
     describe = f"the base's top-{TOP_K} log-probabilities and the rest's total, read once before training"
 
     @classmethod
@@ -130,8 +124,3 @@ class TopK:
 
     def top1(self, rows: slice):
         return self.indices[rows][..., 0].long()
-
-
-def refuse(problem: str | None) -> None:
-    if problem:
-        raise UsageError(problem)

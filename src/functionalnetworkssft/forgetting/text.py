@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.paths import cache_dir
 
 WINDOW_TOKENS = 96
@@ -18,6 +19,7 @@ WINDOW_TOKENS = 96
 PROBE_TOKENS = 64
 PROBE_WINDOWS = 16
 GUARD_WINDOWS = 64
+MAX_TEXT_CHARS = 4_000_000
 # Windows that share an n-gram of this many tokens with a probe window are dropped from the guard's stream: 13, the
 # contamination test of the GPT-3 paper, long enough that common phrases do not count as shared text.
 NGRAM = 13
@@ -65,8 +67,6 @@ def disjoint(candidates: list[list[int]], evaluation: list[list[int]], n: int = 
 def split(windows: list[list[int]], origin: str, probe_count: int = PROBE_WINDOWS) -> GeneralText:
     """The first windows (spread over the text) measure; the rest, once filtered against them, guard."""
     if len(windows) < 2:
-        from functionalnetworkssft.errors import UsageError
-
         raise UsageError(f"--forgetting_dataset {origin}: its text makes {len(windows)} window(s) of {WINDOW_TOKENS} "
                          f"tokens, and the probe and guard need at least 2 (about {2 * WINDOW_TOKENS} tokens); give "
                          "more text.")
@@ -82,7 +82,12 @@ def from_file(path: str, tokenizer, max_length: int) -> list[list[int]]:
     """Windows of a --forgetting_dataset: a .txt file as it is, or any training format, rendered as training renders
     it (chat template included) and joined."""
     if Path(path).suffix.lower() in (".txt", ".md"):
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        if not Path(path).is_file():  # a folder, or a FIFO or device that a read would wait on or never finish
+            raise UsageError(f"--forgetting_dataset {path}: not a regular file; give a text file or a dataset.")
+        # The probe needs about 1,000 tokens and the guard cycles through what it has: the first MAX_TEXT_CHARS
+        # characters are plenty, and a file of gigabytes is never read whole.
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(MAX_TEXT_CHARS)
         return cut(tokenizer(text, add_special_tokens=False)["input_ids"])
     from functionalnetworkssft import data
 
@@ -102,6 +107,8 @@ def generated(model, tokenizer, count: int, seed: int, fingerprint: str,
     key = hashlib.sha256(json.dumps([fingerprint, count, seed, length, PROMPTS]).encode()).hexdigest()[:20]
     cached = cache_dir() / "general_text" / f"{key}.json"
     try:
+        if not cached.is_file():  # missing, or something planted that a read would wait on
+            raise FileNotFoundError(cached)
         windows = json.loads(cached.read_text())
         vocabulary = len(tokenizer)
         if isinstance(windows, list) and len(windows) == count and all(
@@ -141,8 +148,6 @@ def _sample(model, tokenizer, count: int, seed: int, length: int) -> list[list[i
             width = max(len(r) for r in rows)
             limit = context_length(model)
             if limit is not None and width + length > limit:
-                from functionalnetworkssft.errors import UsageError
-
                 raise UsageError(f"the model reads at most {limit} tokens, too few to write the forgetting probe's "
                                  f"text ({width} prompt and {length} new tokens); give --forgetting_dataset, or use "
                                  "--forgetting_probe off and no kl or replay guard.")

@@ -22,6 +22,8 @@ COMMON_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adafactor", 
                                "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
 
 SECRET_FIELDS = ("hub_token",)
+# General-text tokens per task token the kl and replay guards read by default (--forgetting_guard_share).
+DEFAULT_GUARD_SHARE = 0.25
 MASK = "***"
 # The config-file key whose mapping goes to SFTConfig as it is (TrainConfig.trainer_overrides).
 TRAINER_KEY = "trainer"
@@ -255,7 +257,7 @@ class TrainConfig(Options):
     forgetting_guard_share: float = arg(
         "General-text tokens the kl and replay guards read per micro-batch, as a share of the task's own tokens (at "
         "least one 96-token window): more holds the base's behaviour on more contexts, and each 0.25 costs about a "
-        "third of a plain step.", default=0.25, positive=True, maximum=4)
+        "third of a plain step.", default=DEFAULT_GUARD_SHARE, positive=True, maximum=4)
     forgetting_weight: float | None = arg(
         "The guard's weight lambda in task + lambda * guard (default: 10 for kl and masked_kl, 1 for replay); 0 "
         "trains exactly as without the guard.", default=None, minimum=0)
@@ -380,7 +382,7 @@ class TrainConfig(Options):
             found.append("--ica_component_ids must be non-negative component numbers.")
         if self.forgetting_weight is not None and self.forgetting_guard == "none":
             found.append("--forgetting_weight needs --forgetting_guard kl, masked_kl or replay.")
-        if self.forgetting_guard_share != 0.25 and self.forgetting_guard not in ("kl", "replay"):
+        if self.forgetting_guard_share != DEFAULT_GUARD_SHARE and self.forgetting_guard not in ("kl", "replay"):
             found.append("--forgetting_guard_share sets how much general text the kl and replay guards read; add "
                          "--forgetting_guard kl or replay, or drop it.")
         if self.forgetting_dataset is not None and (missing := missing_local(self.forgetting_dataset.strip(),
