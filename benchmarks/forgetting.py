@@ -696,6 +696,9 @@ def main() -> None:
     log(f"{len(results['runs'])} runs done, {len(todo)} to go")
     for arm, seed in todo:
         run = run_arm(arm, specs[arm], seed, base, sets, results.get("networks", {}), cfg, results["base_eval"], log)
+        # Step times mean something only on a quiet machine: the 1-minute load average at the run's end says whether
+        # it was (about 2 on this 2-core machine when only the benchmark runs).
+        run["load_average"] = round(os.getloadavg()[0], 2)
         results["runs"][f"{arm}|{seed}"] = run
         results.update(summarise(results, arm_names))
         save(results, out)
