@@ -339,3 +339,20 @@ def lora_problems(model, targets: list[str], rank: int) -> list[str]:
         found.append(f"--lora_r {rank} exceeds what any layer of this model can use (at most {widest}, the narrower "
                      "side of its largest linear layer); choose a smaller rank.")
     return found
+
+
+def lora_parameter_targets(model, config) -> list[str]:
+    """The parameters (not modules) PEFT will put LoRA on for this config: on transformers 5, a mixture of experts'
+    stacked expert weights and router, which PEFT reaches from all-linear or from the per-expert layer names."""
+    import copy
+
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without it targets modules only
+        return sorted(getattr(config, "target_parameters", None) or [])
+    config = copy.deepcopy(config)
+    try:
+        convert_peft_config_for_transformers(config, model=model, conversions=None)
+    except ValueError:
+        pass  # PEFT raises the same when the adapter is created, where its message reaches the user
+    return sorted(config.target_parameters or [])

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from functionalnetworkssft.errors import MergeError, UsageError
-from functionalnetworkssft.merge.architecture import Layer
+from functionalnetworkssft.merge.architecture import Architecture
 from functionalnetworkssft.weights import DamagedFile, adapter_weights_file, load_tensors
 from functionalnetworkssft.weights import read_adapter_config as read_valid_adapter_config
 
@@ -21,7 +21,7 @@ LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_
 # weights when the adapter is created, so the adapter is meaningless on the untouched base.
 SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # LoraConfig options that select a LoRA variant this engine does not implement.
-UNSUPPORTED_OPTIONS = ("target_parameters", "alora_invocation_tokens", "arrow_config", "velora_config",
+UNSUPPORTED_OPTIONS = ("alora_invocation_tokens", "arrow_config", "velora_config",
                        "monteclora_config", "use_bdlora", "kasa_config", "layer_replication", "use_qalora",
                        "megatron_config", "mica")
 
@@ -178,10 +178,24 @@ def read_adapter(folder: Path, config: dict[str, Any]) -> Adapter:
     return adapter
 
 
-def resolve_targets(adapter: Adapter, layers: dict[str, Layer]) -> None:
-    """Turn each module's pieces into a LoraTarget (or trainable token rows) with the layout of its base layer."""
-    folder, config = adapter.folder, adapter.config
+def resolve_targets(adapter: Adapter, arch: Architecture) -> None:
+    """Turn each module's pieces into a LoraTarget (or trainable token rows) with the layout of its base layer; LoRA
+    on a parameter becomes LoRA on each checkpoint tensor that parameter is built from."""
+    from functionalnetworkssft.merge.experts import expert_targets
+
+    folder, config, layers = adapter.folder, adapter.config, arch.layers
     for module, parts in adapter.pieces.items():
+        if module in arch.wrapped:
+            wrapped = arch.wrapped[module]
+            for disk, A, B in expert_targets(module, wrapped, parts, arch.layout, folder):
+                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                    raise MergeError(f"{folder}: the LoRA factors of {module} hold NaN or infinite values; the "
+                                     "training that produced this adapter diverged, so there is nothing sound to "
+                                     "merge.")
+                # Keyed by the checkpoint tensor, which the plan finds as it is (a module name + ".weight").
+                adapter.targets[disk.removesuffix(".weight")] = LoraTarget(disk.removesuffix(".weight"), "linear", A,
+                                                                           B, wrapped.scaling)
+            continue
         if module not in layers:
             raise MergeError(f"{folder}: the adapter changes module {module}, which the base model does not have; "
                              "is --base_model_name_or_path the model this adapter was trained on?")

@@ -17,9 +17,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from functionalnetworkssft.merge.experts import Wrapped
+from functionalnetworkssft.merge.layout import Layout
 
 
 # The pieces of LoRA on a matrix (incl. DoRA and lora_bias); anything else needs the model's code to interpret.
@@ -43,16 +46,18 @@ class Architecture:
     tie_word_embeddings: bool | None
     vocab_size: int | None
     source: str  # "files" or "transformers", for the tests and the curious
+    layout: Layout = field(default_factory=Layout)  # checkpoint names of renamed or fused parameters
+    wrapped: dict[str, Wrapped] = field(default_factory=dict)  # the adapter's LoRA on parameters, by module
 
 
 def architecture(base_dir: Path, raw_config: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
                  pieces: dict[str, dict[str, Any]], adapter_config: dict[str, Any], *, replaces_tensors: bool,
                  quantized_training: bool, trust_remote_code: bool) -> Architecture:
-    if not (replaces_tensors or quantized_training):
+    if not (replaces_tensors or quantized_training or adapter_config.get("target_parameters")):
         known = from_files(raw_config, tensor_shapes, pieces, adapter_config)
         if known is not None:
             return known
-    return from_transformers(base_dir, trust_remote_code)
+    return from_transformers(base_dir, trust_remote_code, tensor_shapes, adapter_config)
 
 
 def from_files(raw_config: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
@@ -111,8 +116,11 @@ def _code_has_no_conv1d(model_type: str, architecture_name: str) -> bool:
     return True
 
 
-def from_transformers(base_dir: Path, trust_remote_code: bool) -> Architecture:
-    """The architecture of the model transformers builds from base_dir's config, on the meta device."""
+def from_transformers(base_dir: Path, trust_remote_code: bool, tensor_shapes: dict[str, tuple[int, ...]] | None = None,
+                      adapter_config: dict[str, Any] | None = None) -> Architecture:
+    """The architecture of the model transformers builds from base_dir's config, on the meta device; with the
+    checkpoint's tensors, where its parameters are stored, and with an adapter that targets parameters, what each of
+    its ParamWrappers adapts."""
     import warnings
 
     import torch
@@ -144,8 +152,17 @@ def from_transformers(base_dir: Path, trust_remote_code: bool) -> Architecture:
     out_emb = names.get(id(out_layer)) if out_layer is not None else None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     tie = getattr(text, "tie_word_embeddings", None)
-    return Architecture({n: layer(m) for n, m in model.named_modules()}, getattr(model, "base_model_prefix", "") or "",
+    arch = Architecture({n: layer(m) for n, m in model.named_modules()}, getattr(model, "base_model_prefix", "") or "",
                         in_emb, out_emb, tie, getattr(text, "vocab_size", None), "transformers")
+    if tensor_shapes is not None:
+        from functionalnetworkssft.merge.layout import checkpoint_layout
+
+        arch.layout = checkpoint_layout(model, tensor_shapes)
+    if adapter_config and adapter_config.get("target_parameters"):
+        from functionalnetworkssft.merge.experts import wrapped_parameters
+
+        arch.wrapped = wrapped_parameters(model, adapter_config)
+    return arch
 
 
 def declares_quantization(record_path: Path) -> bool:

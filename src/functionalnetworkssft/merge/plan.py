@@ -12,6 +12,7 @@ from functionalnetworkssft.errors import MergeError
 from functionalnetworkssft.merge.adapter import Adapter, LoraTarget
 from functionalnetworkssft.merge.architecture import Architecture
 from functionalnetworkssft.merge.io import BaseWeights, TensorInfo, row_blocks
+from functionalnetworkssft.merge.layout import Layout
 from functionalnetworkssft.merge.qlora import QuantSpec
 
 
@@ -121,7 +122,11 @@ class Plan:
     notes: list[str]
 
 
-def _resolve(base: BaseWeights, param: str, prefix: str) -> str | None:
+def _resolve(base: BaseWeights, param: str, prefix: str, layout: Layout | None = None) -> str | None:
+    """The checkpoint name of a model parameter: as it is, without or with the base model prefix, or renamed the way
+    transformers renames it on load (layout)."""
+    if layout is not None and layout.disk(param) != param:
+        return _resolve(base, layout.disk(param), prefix)
     if param in base.where:
         return param
     if prefix and param.startswith(prefix + ".") and param[len(prefix) + 1:] in base.where:
@@ -143,7 +148,7 @@ def build_plan(base: BaseWeights, adapter: Adapter, arch: Architecture, quant: Q
         recipes[disk] = TensorRecipe(disk, disk, base.info(disk))
 
     def recipe_for(param: str) -> TensorRecipe:
-        disk = _resolve(base, param, prefix)
+        disk = _resolve(base, param, prefix, arch.layout)
         if disk is None:
             raise MergeError(f"the adapter changes {param}, which is not in the base checkpoint "
                              f"{base.folder}; is this the base the adapter was trained on?")
@@ -152,11 +157,11 @@ def build_plan(base: BaseWeights, adapter: Adapter, arch: Architecture, quant: Q
 
     out_weight = f"{out_emb}.weight" if out_emb else None
     in_weight = f"{in_emb}.weight" if in_emb else None
-    out_on_disk = out_weight is not None and _resolve(base, out_weight, prefix) is not None
+    out_on_disk = out_weight is not None and _resolve(base, out_weight, prefix, arch.layout) is not None
     # A tied checkpoint stores only the input embedding; the output head is then a second recipe on the same source.
     lm_head_recipe: TensorRecipe | None = None
     if tied and not out_on_disk:
-        source = _resolve(base, in_weight, prefix)
+        source = _resolve(base, in_weight, prefix, arch.layout)
         lm_head_recipe = TensorRecipe(out_weight, source, base.info(source))
 
     def target_recipe(param: str) -> TensorRecipe:

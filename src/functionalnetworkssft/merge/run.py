@@ -227,7 +227,7 @@ def _merge_locked(adapter_dir: Path, adapter_config: dict[str, Any], base_name: 
         if qlora_merge_base == "dequantized" and quant is None:
             raise UsageError(f"--qlora_merge_base dequantized: {adapter_dir} has no {TRAINING_RECORD} recording a "
                              "4bit/8bit training base; drop the flag to merge into the original weights.")
-        resolve_targets(adapter, arch.layers)
+        resolve_targets(adapter, arch)
         problem = _full_check_problem(base) if verify == "full" else None
         if problem:
             raise UsageError(problem)

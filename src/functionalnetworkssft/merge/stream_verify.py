@@ -27,6 +27,7 @@ import torch
 
 from functionalnetworkssft.errors import MergeError, first_line
 from functionalnetworkssft.merge.io import BLOCK_ELEMENTS, BaseWeights, SafetensorsShard
+from functionalnetworkssft.merge.layout import Layout
 from functionalnetworkssft.merge.plan import _resolve
 from functionalnetworkssft.merge.verify import RELATIVE_TOLERANCE
 from functionalnetworkssft.verification import compare_logits, probe_inputs, quiet
@@ -60,16 +61,17 @@ class _Sources:
 
     def __init__(self, base: BaseWeights, merged: BaseWeights, prefix: str, tied: dict[str, str],
                  overrides: dict[str, torch.Tensor], patch: Callable[[str, torch.Tensor], torch.Tensor] | None,
-                 adapter_file: tuple[SafetensorsShard, dict[str, str]] | None = None):
+                 adapter_file: tuple[SafetensorsShard, dict[str, str]] | None = None, layout: Layout | None = None):
         self.base, self.merged, self.prefix, self.tied = base, merged, prefix, tied
+        self.layout = layout or Layout()
         self.overrides, self.patch = overrides, patch
         self.adapter_file, self.adapter_keys = adapter_file or (None, {})
         self.spare: list[torch.Tensor] = []
 
     def _disk(self, weights: BaseWeights, name: str) -> str:
-        disk = _resolve(weights, name, self.prefix)
+        disk = _resolve(weights, name, self.prefix, self.layout)
         if disk is None and name in self.tied:
-            disk = _resolve(weights, self.tied[name], self.prefix)
+            disk = _resolve(weights, self.tied[name], self.prefix, self.layout)
         if disk is None:
             raise _Missing(f"{name} is not in {weights.folder}")
         return disk
@@ -83,6 +85,8 @@ class _Sources:
             value = value[rows[0]:rows[1]] if rows else value
             return value if stored_dtype else value.float()
         weights = self.base if reference else self.merged
+        if name in self.layout.fused:
+            return self._fused(weights, name, reference, stored_dtype, rows)
         disk = self._disk(weights, name)
         if reference and self.patch is not None:
             value = self.patch(name, weights.read(disk))  # the QLoRA round trip runs on the stored dtype
@@ -99,6 +103,22 @@ class _Sources:
         for at in range(start, stop, step):
             out[at - start:min(at + step, stop) - start].copy_(weights.read_rows(disk, at, min(at + step, stop)))
         return out
+
+    def _fused(self, weights: BaseWeights, name: str, reference: bool, stored_dtype: bool,
+               rows: tuple[int, int] | None) -> torch.Tensor:
+        """A parameter transformers stacks from several checkpoint tensors (a layer's experts), built as it does."""
+        pieces = self.layout.fused[name]
+        first = weights.info(self._disk(weights, pieces[0].disk))
+        experts = 1 + max(piece.expert for piece in pieces)
+        height = max(piece.offset + piece.rows for piece in pieces)
+        value = torch.empty((experts, height, *first.shape[1:]),
+                            dtype=first.dtype if stored_dtype else torch.float32)
+        for piece in pieces:
+            part = weights.read(self._disk(weights, piece.disk))
+            if reference and self.patch is not None:
+                part = self.patch(piece.disk, part)
+            value[piece.expert, piece.offset:piece.offset + piece.rows].copy_(part)
+        return value[rows[0]:rows[1]] if rows else value
 
     def _take(self, shape: tuple[int, ...]) -> torch.Tensor:
         """A float32 buffer, reused from the tensor before when one is large enough: consecutive blocks have the same
@@ -246,7 +266,12 @@ class _Unit:
         owners: dict[int, list[_Slot]] = {}
         for slot in self.slots + self.adapter_slots:
             owners.setdefault(id(slot.owner), []).append(slot)
-        self.leafwise = bool(owners) and id(module) not in owners
+        # PEFT's LoRA on a parameter (ParamWrapper) reads the wrapped module's weight before that module's forward
+        # runs: such a unit loads whole.
+        from peft.tuners.lora.layer import ParamWrapper
+
+        self.leafwise = bool(owners) and id(module) not in owners and \
+            not any(isinstance(m, ParamWrapper) for m in module.modules())
         self.reference = True
         self.guard = _NoMetaUse()
         for slots in owners.values() if self.leafwise else ():
@@ -468,12 +493,17 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                      dtype=torch.float32)
         tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        layout = _layout(model, base_dir)
         # PEFT moves loaded adapter tensors to the base layer's device, which here is meta: keep them where they load,
         # on the CPU (PEFT's own choice is the GPU whenever there is one; the check moves each unit where it runs).
         try:
             # Adapter tensors stay in their stored dtype until their unit runs (autocast would hold all of them in
             # float32 for the whole check).
-            with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None):
+            # (ParamWrapper, PEFT's LoRA on a parameter, has its own mover.)
+            from peft.tuners.lora.layer import ParamWrapper
+
+            with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None), \
+                    mock.patch.object(ParamWrapper, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None):
                 # Named only where PEFT would choose otherwise: naming it on the CPU makes PEFT hold more.
                 device = {} if peft_model.infer_device() == "cpu" else {"torch_device": "cpu"}
                 model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, low_cpu_mem_usage=True,
@@ -495,7 +525,18 @@ def reference_model(base_dir: Path, adapter_dir: Path, vocab_size: int | None, t
             placeholder = torch.empty_like(param, device="meta",
                                            dtype=torch.float32 if param.is_floating_point() else param.dtype)
             module._parameters[attr] = torch.nn.Parameter(placeholder, requires_grad=False)
-    return model, tied, overrides, _on_disk(overrides, adapter_dir, model.active_adapter)
+    return model, tied, overrides, _on_disk(overrides, adapter_dir, model.active_adapter), layout
+
+
+def _layout(model, base_dir: Path) -> Layout:
+    """Where the model's parameters are in the checkpoint (renamed or fused on load), read before PEFT wraps it."""
+    from functionalnetworkssft.merge.layout import checkpoint_layout
+
+    weights = BaseWeights(base_dir)
+    try:
+        return checkpoint_layout(model, {name: weights.info(name).shape for name in weights.names()})
+    finally:
+        weights.close()
 
 
 def _on_disk(overrides: dict[str, torch.Tensor], adapter_dir: Path, adapter_name: str
@@ -527,7 +568,7 @@ def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: 
     """reference: what reference_model returned for these inputs, when it was built ahead (beside the merge)."""
     from tqdm.auto import tqdm
 
-    model, tied, overrides, adapter_file = reference or reference_model(base_dir, adapter_dir, vocab_size,
+    model, tied, overrides, adapter_file, layout = reference or reference_model(base_dir, adapter_dir, vocab_size,
                                                                         trust_remote_code)
     for module in model.modules():
         for key, buffer in module._buffers.items():
@@ -540,7 +581,7 @@ def stream_verify(merged_dir: Path, base_dir: Path, adapter_dir: Path, *, base: 
     prefix = getattr(inner, "base_model_prefix", "") or ""
     merged = BaseWeights(merged_dir)
     try:
-        sources = _Sources(base, merged, prefix, tied, overrides, patch, adapter_file)
+        sources = _Sources(base, merged, prefix, tied, overrides, patch, adapter_file, layout)
         vocab = inner.get_input_embeddings().weight.shape[0]
         probes = probe_inputs(merged_dir, vocab)
         # One row of all probes in turn: a single forward per model, with no padding to mask.

@@ -133,7 +133,9 @@ class TrainConfig(Options):
     use_peft: bool = arg("Train a LoRA adapter instead of all weights (full fine-tuning).", default=False)
     lora_r: int = arg("LoRA rank.", default=16, positive=True)
     lora_alpha: int = arg("LoRA alpha; the update is scaled by alpha / r.", default=32, positive=True)
-    lora_dropout: float = arg("Dropout on the LoRA input.", default=0.05, minimum=0, below=1)
+    lora_dropout: float | None = arg(
+        "Dropout on the LoRA input; by default 0.05, or 0 on a mixture of experts whose stacked expert weights LoRA "
+        "reaches (PEFT has no dropout there).", default=None, minimum=0, below=1)
     lora_target_modules: list[str] = arg(
         "Module names (or suffixes) that get LoRA adapters; all-linear means every linear layer but the output head.",
         default_factory=lambda: ["all-linear"],

@@ -28,7 +28,7 @@ from functionalnetworkssft.training.preflight import (
     writes,
 )
 from functionalnetworkssft.training.results import describe_data, sample_reply, save_results, write_run_config
-from functionalnetworkssft.training.trainer import build_trainer, describe_batching, plan_network
+from functionalnetworkssft.training.trainer import build_trainer, describe_batching, plan_network, settle_lora_dropout
 
 
 @dataclass
@@ -102,6 +102,8 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
         model = modeling.load_model(source, dtype, quant, cfg.trust_remote_code, cfg.attn_implementation)
         if cfg.use_peft and (problems := modeling.lora_problems(model, cfg.lora_target_modules, cfg.lora_r)):
             raise UsageError(problems)
+        if cfg.use_peft and (line := settle_lora_dropout(cfg, model)) and main:
+            print(line)
         quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
         network = plan_network(cfg, model, train_set, templates) if cfg.mask_mode != "none" else None
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from functionalnetworkssft import networks
+from functionalnetworkssft import modeling, networks
+from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.forgetting import ForgettingPlan, ProbeAtEnds, guarded_loss
 from functionalnetworkssft.training.config import TrainConfig
 from functionalnetworkssft.training.guard import RunGuard
@@ -26,14 +27,39 @@ def describe_batching(cfg: TrainConfig, model) -> str:
     return f"{layout}{', grouped by length' if grouped else ''} ({attention} attention)"
 
 
+DEFAULT_LORA_DROPOUT = 0.05
+
+
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
     targets = cfg.lora_target_modules
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    dropout = DEFAULT_LORA_DROPOUT if cfg.lora_dropout is None else cfg.lora_dropout
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=dropout,
                       target_modules="all-linear" if targets == ["all-linear"] else targets,
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
                       modules_to_save=cfg.lora_modules_to_save or None, task_type="CAUSAL_LM")
+
+
+def settle_lora_dropout(cfg: TrainConfig, model) -> str | None:
+    """PEFT puts LoRA on a mixture of experts' stacked expert weights (and its router) as LoRA on parameters, which
+    has no dropout. Unless --lora_dropout was given, such a run uses 0 and says so; given above 0, it is refused
+    before training. Returns the line to print, if any."""
+    reached = modeling.lora_parameter_targets(model, lora_config(cfg))
+    if not reached:
+        if cfg.lora_dropout is None:
+            cfg.lora_dropout = DEFAULT_LORA_DROPOUT
+        return None
+    if cfg.lora_dropout:
+        raise UsageError(f"--lora_dropout {cfg.lora_dropout:g}: LoRA reaches this model's stacked expert weights "
+                         f"({', '.join(reached)}), where PEFT has no dropout; pass --lora_dropout 0, or leave the "
+                         "experts out with --lora_target_modules naming the attention layers (e.g. q_proj k_proj "
+                         "v_proj o_proj).")
+    if cfg.lora_dropout is None:
+        cfg.lora_dropout = 0.0
+        return (f"LoRA: dropout 0, because LoRA reaches this mixture of experts' stacked weights "
+                f"({', '.join(reached)}), where PEFT has no dropout.")
+    return None
 
 
 def sft_config(cfg: TrainConfig, evaluating: bool, half=None):
