@@ -14,7 +14,7 @@ from typing import Any, Literal
 from functionalnetworkssft import __version__
 from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error
 from functionalnetworkssft.export.arch import UnsupportedModel
-from functionalnetworkssft.export.modelfile import is_ours, write_modelfile
+from functionalnetworkssft.export.modelfile import end_tokens, is_ours, write_modelfile
 from functionalnetworkssft.export.write import OUTTYPES, write_gguf
 from functionalnetworkssft.options import Options, arg, field_problems, parse
 from functionalnetworkssft.outputs import FolderLock, writable_problem, write_text_atomic
@@ -181,7 +181,7 @@ def _export_locked(model_dir: Path, outfile: Path, outtype: str, verify: bool, n
                           f"{check['top1_agreement']:.1%}; tokenizer mismatches: {len(check['tokenizer_mismatches'])})"
                           f"; kept as {rejected.name} for inspection, details in {outfile.name}.json.")
     os.replace(staging, outfile)
-    report["modelfile"] = write_modelfile(outfile.parent / "Modelfile", outfile.name, template)
+    report["modelfile"] = write_modelfile(outfile.parent / "Modelfile", outfile.name, template, end_tokens(model_dir))
     _write_json(outfile.with_name(outfile.name + ".json"), report)
     report["summary"] = _summary(outfile, report)
     return report

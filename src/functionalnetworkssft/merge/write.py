@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from functionalnetworkssft import tokenizer_files
 from functionalnetworkssft.merge.adapter import Adapter
 from functionalnetworkssft.merge.io import BaseWeights, PlannedTensor, TensorInfo, plan_shards, write_shards
 from functionalnetworkssft.merge.plan import Plan, compute_blocks
@@ -70,6 +71,7 @@ def _copy_side_files(base_dir: Path, adapter_dir: Path, staging: Path, config_di
         if (tokenizer_dir / name).is_file():
             # Copied, not re-saved: re-saving a tokenizer under transformers 5 can drop its chat template.
             shutil.copyfile(tokenizer_dir / name, staging / name)
+    tokenizer_files.carry(base_dir, staging)  # what an adapter saved by transformers 5 lacks (tokenizer.model)
     if (base_dir / "generation_config.json").is_file():
         shutil.copyfile(base_dir / "generation_config.json", staging / "generation_config.json")
     else:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft import __version__, data, distributed, forgetting, modeling, networks
+from functionalnetworkssft import __version__, data, distributed, forgetting, modeling, networks, tokenizer_files
 from functionalnetworkssft.outputs import OutputFolder
 from functionalnetworkssft.records import TRAINING_RECORD
 from functionalnetworkssft.training.config import TrainConfig
@@ -43,6 +43,7 @@ def save_results(cfg: TrainConfig, folder: OutputFolder, trainer, tokenizer, sou
     if not distributed.is_main():
         return final_dir
     tokenizer.save_pretrained(final_dir)
+    tokenizer_files.carry(source.path, final_dir, source.revision)
     # PEFT's auto-card records local paths and the pickled TrainingArguments is not portable; checkpoints keep it.
     for stray in ("README.md", "training_args.bin"):
         (final_dir / stray).unlink(missing_ok=True)
