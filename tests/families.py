@@ -60,7 +60,7 @@ GRANITE_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{% endif %}")
 TULU_TEMPLATE = (  # OLMo-2 Instruct's turns
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
@@ -102,7 +102,8 @@ FAMILIES = [
            ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
            {"eos": "<|im_end|>", "pad": "<|endoftext|>"}, QWEN3_TEMPLATE),
     Family("qwen3-moe", "Qwen3MoeConfig", {**DENSE, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
-                                           "moe_intermediate_size": 64, "decoder_sparse_step": 1},
+                                           "moe_intermediate_size": 64, "decoder_sparse_step": 1,
+                                           "norm_topk_prob": True},
            "bpe", "qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
            {"eos": "<|im_end|>", "pad": "<|endoftext|>"}, QWEN3_TEMPLATE, moe=True),
     Family("gemma2", "Gemma2Config", {**DENSE, "head_dim": 16, "sliding_window": 64, "query_pre_attn_scalar": 16},
@@ -130,7 +131,9 @@ FAMILIES = [
                                         "tie_word_embeddings": True}, "bpe", "gpt2",
            ("<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"),
            {"bos": "<|end_of_text|>", "eos": "<|end_of_text|>", "pad": "<|end_of_text|>"}, GRANITE_TEMPLATE),
-    Family("smollm3", "SmolLM3Config", {**DENSE, "no_rope_layer_interval": 2, "tie_word_embeddings": True}, "bpe",
+    # Four layers: the fourth has no rope (SmolLM3's every-4th-layer NoPE).
+    Family("smollm3", "SmolLM3Config", {**DENSE, "num_hidden_layers": 4, "no_rope_layer_interval": 4,
+                                        "tie_word_embeddings": True}, "bpe",
            "llama3", ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"),
            {"bos": "<|begin_of_text|>", "eos": "<|im_end|>", "pad": "<|end_of_text|>"}, CHATML_TEMPLATE),
     Family("falcon", "FalconConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -175,6 +178,7 @@ def sentencepiece_model(family: Family) -> bytes:
         sentence_iterator=iter(CORPUS), model_writer=buffer, vocab_size=400, model_type="bpe", byte_fallback=True,
         character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", user_defined_symbols=list(family.specials), hard_vocab_limit=False,
+        add_dummy_prefix=not gemma,  # Gemma's tokenizer puts no space before the text
         minloglevel=2, **ids, **pieces)
     return buffer.getvalue()
 
@@ -190,7 +194,15 @@ def sentencepiece_tokenizer(family: Family, folder: Path):
     if family.specials:
         config["additional_special_tokens"] = list(family.specials)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if family.name == "phi3":
+        # Phi-3's tokenizer.json puts the space before the text with a normalizer, not with Metaspace.
+        from tokenizers import normalizers
+
+        backend = tokenizer.backend_tokenizer
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
+    return tokenizer
 
 
 def build(family: Family, folder: Path, seed: int = 0) -> Path:

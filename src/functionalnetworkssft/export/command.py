@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from functionalnetworkssft import __version__
 from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error
-from functionalnetworkssft.export.arch import UnsupportedModel
+from functionalnetworkssft.export.architectures import UnsupportedModel
 from functionalnetworkssft.export.modelfile import end_tokens, is_ours, write_modelfile
 from functionalnetworkssft.export.write import OUTTYPES, write_gguf
 from functionalnetworkssft.options import Options, arg, field_problems, parse
@@ -175,11 +175,8 @@ def _export_locked(model_dir: Path, outfile: Path, outtype: str, verify: bool, n
         _write_json(outfile.with_name(outfile.name + ".json"), report)
         check = report["verification"]
         raise ExportError(f"the exported file does not compute what {model_dir} computes with its weights stored "
-                          f"as {outtype} (max |logit diff| {check['max_abs_logit_diff_vs_rounded_source']:.3g}, "
-                          f"tolerance {check['rounded_source_tolerance']:.3g}; against the unrounded model "
-                          f"{check['max_abs_logit_diff']:.3g}, tolerance {check['tolerance']:.3g}, top-1 agreement "
-                          f"{check['top1_agreement']:.1%}; tokenizer mismatches: {len(check['tokenizer_mismatches'])})"
-                          f"; kept as {rejected.name} for inspection, details in {outfile.name}.json.")
+                          f"as {outtype} ({_failures(report['verification'])}); kept as {rejected.name} for "
+                          f"inspection, details in {outfile.name}.json.")
     os.replace(staging, outfile)
     report["modelfile"] = write_modelfile(outfile.parent / "Modelfile", outfile.name, template, end_tokens(model_dir))
     _write_json(outfile.with_name(outfile.name + ".json"), report)
@@ -199,9 +196,27 @@ def _summary(outfile: Path, report: dict[str, Any]) -> str:
     if check["status"] == "skipped":
         return line + "; not verified (--verify off)."
     llama = check.get("llama_cpp", {})
-    return (f"{line}; verification passed: the file computes the model with its weights stored as "
-            f"{report['outtype']} (max |logit diff| {check['max_abs_logit_diff_vs_rounded_source']:.3g}, tolerance "
-            f"{check['rounded_source_tolerance']:.3g}), and against the unrounded model max |logit diff| "
-            f"{check['max_abs_logit_diff']:.3g} (tolerance {check['tolerance']:.3g}), top-1 agreement "
-            f"{check['top1_agreement']:.1%}; tokenizer equal on {check['tokenizer_probes']} probes; llama.cpp: "
-            f"{llama.get('status', 'not run')}. Modelfile: {report['modelfile']}.")
+    return (f"{line}; verification passed: every weight is the model's stored as {report['outtype']}, the file's "
+            f"logits are within {check['max_abs_logit_diff']:.3g} of the model's (tolerance {check['tolerance']:.3g}), "
+            f"top-1 agreement {check['top1_agreement']:.1%}; tokenizer equal on {check['tokenizer_probes']} probes; "
+            f"llama.cpp: {llama.get('status', 'not run')}. Modelfile: {report['modelfile']}.")
+
+
+def _failures(check: dict[str, Any]) -> str:
+    """What the verification found wrong, in a few words each."""
+    found = []
+    if not check["weights_equal_to_rounded_source"] or check["parameters_not_in_file"]:
+        found.append(f"weights differ from the model's by up to {check['max_abs_weight_diff_vs_rounded_source']:.3g}"
+                     + (f", {len(check['parameters_not_in_file'])} parameter(s) not in the file"
+                        if check["parameters_not_in_file"] else ""))
+    if check["max_abs_logit_diff"] > check["tolerance"] or check["top1_agreement"] < check["min_top1_agreement"]:
+        found.append(f"max |logit diff| {check['max_abs_logit_diff']:.3g}, tolerance {check['tolerance']:.3g}, "
+                     f"top-1 agreement {check['top1_agreement']:.1%}")
+    if check["tokenizer_mismatches"] or not check["chat_template_equal"]:
+        found.append(f"tokenizer mismatches: {len(check['tokenizer_mismatches'])}"
+                     + ("" if check["chat_template_equal"] else ", chat template differs"))
+    if check["metadata_mismatches"]:
+        found.append(f"metadata: {', '.join(check['metadata_mismatches'][:3])}")
+    if check.get("llama_cpp", {}).get("status") == "failed":
+        found.append("llama.cpp computes otherwise")
+    return "; ".join(found) or "see the report"

@@ -1,9 +1,17 @@
-"""Check an exported GGUF against the model it came from.
+"""Check an exported GGUF against the model it came from, for every architecture the exporter writes.
 
-transformers reads the file back (dequantizing it), and the two models' logits on fixed probes are compared: within
-float rounding for f32, within a tolerance and a top-1 agreement for the lossy types. The GGUF's own tokenizer,
-rebuilt from its metadata, must tokenize probe strings exactly as the source tokenizer does. Where llama-cpp-python
-is installed, llama.cpp itself runs the file too: its next-token logits and a greedy continuation are compared.
+The file is read back tensor by tensor (dequantized, each layout change undone, a layer's experts unstacked) into the
+source model's own architecture, and four checks run:
+
+1. the weights: every tensor in the file equals the source's, rounded or quantized as the writer stored it;
+2. the model: its logits on fixed probes are within a tolerance of the source's, with the top-1 token agreeing
+   (float rounding for f32; one rounding or quantization of every weight for the others);
+3. the tokenizer: rebuilt from the file's metadata by transformers, it tokenizes probe strings as the source's does,
+   and the chat template is the source's;
+4. the hyperparameters: the file holds the metadata the exporter meant to write.
+
+Where llama-cpp-python is installed, llama.cpp itself runs the file too: its next-token logits and a greedy
+continuation are compared, which also checks that llama.cpp reads the layouts as the exporter wrote them.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import gc
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from functionalnetworkssft.verification import probe_inputs, quiet, run_probe
@@ -26,78 +35,175 @@ TOKENIZER_PROBES = ("Hello, world! How are you today?", "The year 2024 had 366 d
 
 
 def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import gguf
+    from transformers import AutoModelForCausalLM
 
     with quiet():
-        source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
-    vocab = source.get_input_embeddings().weight.shape[0]
+        model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    vocab = model.get_input_embeddings().weight.shape[0]
     probes = probe_inputs(source_dir, vocab)
     device = torch.device("cpu")
-    source_runs = [run_probe(source, p, device) for p in probes]
-    # The model the file should hold exactly: every weight rounded (or quantized) as the writer stored it.
-    _round_trip(source, source_dir, outtype)
-    expected_runs = [run_probe(source, p, device) for p in probes]
-    del source
-    gc.collect()
-    # transformers' GGUF reader fixes GPT-2's position table at 1,024 rows and drops rope scaling (Llama-3.1's
-    # frequency factors) whatever the file says, so such files are read with the source's config: their tensors
-    # still come from the file, and llama.cpp, where installed, reads their metadata.
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source_dir)
-    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    scaled = isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default"
-    config = config if config.model_type == "gpt2" or scaled else None
-    with quiet():
-        exported = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
-                                                        dtype=torch.float32).eval()
-    exported_runs = [run_probe(exported, p, device) for p in probes]
-    del exported
+    source_runs = [run_probe(model, p, device) for p in probes]
+    reader = gguf.GGUFReader(gguf_path)
+    weights = _load_file_into(model, source_dir, reader, outtype)
+    exported_runs = [run_probe(model, p, device) for p in probes]
+    del model
     gc.collect()
 
     relative, min_agreement = TOLERANCE[outtype]
     scale = max(1.0, max(float(logits.abs().max()) for logits, _ in source_runs))
-    exact_diff = max(float((e - x).abs().max()) for (e, _), (x, _) in zip(exported_runs, expected_runs))
-    exact_tolerance = TOLERANCE["f32"][0] * scale
-    exact_greedy = all(e == x for (_, e), (_, x) in zip(exported_runs, expected_runs))
     max_diff = max(float((e - s).abs().max()) for (e, _), (s, _) in zip(exported_runs, source_runs))
     agree = sum(int((e.argmax(-1) == s.argmax(-1)).sum()) for (e, _), (s, _) in zip(exported_runs, source_runs))
     total = sum(len(s) for s, _ in source_runs)
-    greedy_equal = [e == s for (_, e), (_, s) in zip(exported_runs, source_runs)]
-
-    source_tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    with quiet():
-        gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    _apply_llama_cpp_pre_tokenizer(gguf_tokenizer, gguf_path)
-    texts = list(TOKENIZER_PROBES) + [t for t in source_tokenizer.all_special_tokens if t][:4]
-    mismatched = [text for text in texts if source_tokenizer(text, add_special_tokens=True)["input_ids"]
-                  != gguf_tokenizer(text, add_special_tokens=True)["input_ids"]]
-    template_equal = getattr(source_tokenizer, "chat_template", None) == getattr(gguf_tokenizer, "chat_template",
-                                                                                  None)
+    tokenizer = _tokenizer_check(source_dir, gguf_path)
+    texts, source_tokenizer = tokenizer.pop("_texts"), tokenizer.pop("_source_tokenizer")
+    metadata = _metadata_mismatches(source_dir, reader)
     tolerance = relative * scale
     result: dict[str, Any] = {
         "outtype": outtype,
-        "max_abs_logit_diff_vs_rounded_source": exact_diff,
-        "rounded_source_tolerance": exact_tolerance,
-        "greedy_equal_to_rounded_source": exact_greedy,
+        "reader": "fnsft (file tensors read back into the source architecture)",
+        **weights,
         "max_abs_logit_diff": max_diff,
         "tolerance": tolerance,
         "relative_tolerance": relative,
         "top1_agreement": agree / total,
         "min_top1_agreement": min_agreement,
-        "greedy_equal": all(greedy_equal),
+        "greedy_equal": all(e == s for (_, e), (_, s) in zip(exported_runs, source_runs)),
         "probes": len(probes),
-        "tokenizer_probes": len(texts),
-        "tokenizer_mismatches": mismatched,
-        "chat_template_equal": template_equal,
+        **tokenizer,
+        "metadata_mismatches": metadata,
     }
-    passed = (exact_diff <= exact_tolerance and exact_greedy and max_diff <= tolerance
-              and agree / total >= min_agreement and not mismatched and template_equal)
-    result["llama_cpp"] = _llama_cpp(gguf_path, probes, expected_runs, tolerance, texts, source_tokenizer)
+    passed = (weights["weights_equal_to_rounded_source"] and not weights["parameters_not_in_file"]
+              and max_diff <= tolerance and agree / total >= min_agreement and not tokenizer["tokenizer_mismatches"]
+              and tokenizer["chat_template_equal"] and not metadata)
+    result["llama_cpp"] = _llama_cpp(gguf_path, probes, exported_runs, tolerance, texts, source_tokenizer)
     if result["llama_cpp"].get("status") == "failed":
         passed = False
     result["status"] = "passed" if passed else "failed"
     return result
+
+
+@torch.no_grad()
+def _load_file_into(model, source_dir: Path, reader, outtype: str) -> dict[str, Any]:
+    """Put every weight the file holds into `model` (in place), and compare each with what the writer meant to
+    store: the source tensor, laid out, rounded or quantized as `outtype`, and read back."""
+    import gguf
+
+    from functionalnetworkssft.export import architectures as archs
+    from functionalnetworkssft.export.write import read_config, read_sources, tensor_type
+    from functionalnetworkssft.merge.io import BaseWeights
+    from functionalnetworkssft.merge.layout import checkpoint_layout
+
+    config = read_config(source_dir)
+    checkpoint = BaseWeights(source_dir)
+    try:
+        names = list(checkpoint.names())
+        shapes = {name: checkpoint.info(name).shape for name in names}
+        plan = archs.plan(archs.architecture(config), config, [(n, shapes[n]) for n in names])
+        layout = checkpoint_layout(model, shapes)
+        parameters = dict(model.named_parameters())
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        owner = _owners(parameters, layout, prefix)
+        stored = {t.name: t for t in reader.tensors}
+        tied = not any(tensor.gguf_name == "output.weight" for tensor in plan)
+        filled: set[str] = set()
+        worst, missing_in_file = 0.0, []
+        for tensor in plan:
+            if tensor.gguf_name not in stored:
+                missing_in_file.append(tensor.gguf_name)
+                continue
+            kind = tensor_type(tensor.gguf_name, tensor.shape, outtype, tied)
+            found = stored[tensor.gguf_name]
+            data = np.asarray(found.data)
+            if found.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                data = gguf.quants.dequantize(data, found.tensor_type)
+            data = data.astype(np.float32).reshape(tensor.shape)
+            expected = np.ascontiguousarray(tensor.layout.forward(read_sources(tensor, checkpoint)), np.float32)
+            if kind != gguf.GGMLQuantizationType.F32:
+                expected = gguf.quants.dequantize(gguf.quants.quantize(expected, kind), kind).astype(np.float32)
+            if found.tensor_type != kind or expected.shape != data.shape:
+                worst = float("inf")
+                continue
+            worst = max(worst, float(np.abs(data - expected).max(initial=0.0)))
+            if tensor.computed is not None:
+                continue
+            restored = tensor.layout.inverse(data)
+            for index, source in enumerate(tensor.sources):
+                value = restored[index] if len(tensor.sources) > 1 else restored
+                target = owner.get(source)
+                if target is None:
+                    continue
+                name, piece = target
+                destination = parameters[name]
+                if piece is None:
+                    destination.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(destination.shape))
+                else:
+                    destination[piece.expert, piece.offset:piece.offset + piece.rows].copy_(torch.from_numpy(value))
+                filled.add(name)
+        tied_names = set(getattr(model, "all_tied_weights_keys", None) or {})
+        not_in_file = sorted(n for n in parameters if n not in filled and n not in tied_names)
+        return {"weights_equal_to_rounded_source": worst == 0.0 and not missing_in_file,
+                "max_abs_weight_diff_vs_rounded_source": worst, "tensors_missing_from_file": missing_in_file,
+                "parameters_not_in_file": not_in_file}
+    finally:
+        checkpoint.close()
+
+
+def _owners(parameters: dict[str, torch.Tensor], layout, prefix: str) -> dict[str, tuple[str, Any]]:
+    """Checkpoint tensor -> (model parameter, its piece when the parameter is built from several)."""
+    owners: dict[str, tuple[str, Any]] = {}
+    for name in parameters:
+        if name in layout.fused:
+            for piece in layout.fused[name]:
+                owners[piece.disk] = (name, piece)
+            continue
+        disk = layout.disk(name)
+        for candidate in (disk, disk.removeprefix(prefix + ".") if prefix else disk, f"{prefix}.{disk}"):
+            owners.setdefault(candidate, (name, None))
+    return owners
+
+
+def _tokenizer_check(source_dir: Path, gguf_path: Path) -> dict[str, Any]:
+    """The file's tokenizer as transformers rebuilds it from the metadata alone, against the source's."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    source = AutoTokenizer.from_pretrained(source_dir)
+    with quiet():
+        rebuilt = PreTrainedTokenizerFast(gguf_file=gguf_path.name, name_or_path=str(gguf_path.parent))
+    _apply_llama_cpp_pre_tokenizer(rebuilt, gguf_path)
+    texts = list(TOKENIZER_PROBES) + [t for t in source.all_special_tokens if t][:4]
+    mismatched = [text for text in texts if source(text, add_special_tokens=True)["input_ids"]
+                  != rebuilt(text, add_special_tokens=True)["input_ids"]]
+    return {"tokenizer_probes": len(texts), "tokenizer_mismatches": mismatched,
+            "chat_template_equal": getattr(source, "chat_template", None) == getattr(rebuilt, "chat_template", None),
+            "_texts": texts, "_source_tokenizer": source}
+
+
+def _metadata_mismatches(source_dir: Path, reader) -> list[str]:
+    """Hyperparameter keys whose value in the file is not what the exporter writes for this config."""
+    import gguf
+
+    from functionalnetworkssft.export import architectures as archs
+    from functionalnetworkssft.export.write import read_config
+
+    config = read_config(source_dir)
+    arch = archs.architecture(config)
+    intended = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
+    archs.add_metadata(intended, arch, config)
+    mismatched = []
+    for key, value in intended.kv_data[0].items():
+        found = reader.get_field(key)
+        if found is None:
+            mismatched.append(f"{key} missing")
+            continue
+        got = found.contents()
+        want = value.value
+        if isinstance(want, float):
+            if not np.isclose(np.float32(got), np.float32(want)):
+                mismatched.append(f"{key}: {got} (expected {want})")
+        elif got != want:
+            mismatched.append(f"{key}: {got!r} (expected {want!r})")
+    return mismatched
 
 
 def _llama_cpp(gguf_path: Path, probes, expected_runs, tolerance: float, texts, source_tokenizer) -> dict[str, Any]:
@@ -126,35 +232,6 @@ def _llama_cpp(gguf_path: Path, probes, expected_runs, tolerance: float, texts, 
     passed = max_diff <= tolerance and agree / total >= 0.9 and not mismatched
     return {"status": "passed" if passed else "failed", "max_abs_logit_diff": max_diff,
             "top1_agreement": agree / total, "greedy_equal": greedy_equal, "tokenizer_mismatches": mismatched}
-
-
-@torch.no_grad()
-def _round_trip(model, source_dir: Path, outtype: str) -> None:
-    """Replace each weight of `model` by what the GGUF stores for it (cast or quantized, then read back), so that
-    the exported file can be held to float rounding whatever its type."""
-    import gguf
-    import numpy as np
-
-    from functionalnetworkssft.export import arch as archs
-    from functionalnetworkssft.export.write import read_config, tensor_type
-
-    config = read_config(source_dir)
-    parameters = dict(model.named_parameters())
-    plan = archs.tensors(archs.architecture(config), config,
-                         [(name, tuple(p.shape)) for name, p in parameters.items()])
-    tied = not any(t.gguf_name == "output.weight" for t in plan)
-    for tensor in plan:
-        kind = tensor_type(tensor.gguf_name, tensor.shape, outtype, tied)
-        if tensor.source not in parameters or kind == gguf.GGMLQuantizationType.F32:
-            continue
-        weight = parameters[tensor.source]
-        # Quantization blocks run along rows. GPT-2's transpose changes which axis that is, so it is applied and
-        # undone; q/k permutations move whole rows, so rounding the weights unpermuted gives the same values.
-        transposed = tensor.transform is np.transpose
-        stored = weight.detach().float().numpy()
-        stored = np.ascontiguousarray(stored.T if transposed else stored, dtype=np.float32)
-        restored = gguf.quants.dequantize(gguf.quants.quantize(stored, kind), kind)
-        weight.copy_(torch.from_numpy(np.ascontiguousarray(restored.T if transposed else restored)))
 
 
 def _apply_llama_cpp_pre_tokenizer(tokenizer, gguf_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from functionalnetworkssft.export import arch as archs
+from functionalnetworkssft.export import architectures as archs
 from functionalnetworkssft.export.vocab import add_tokenizer
 
 # Output type -> (GGML type of the large matrices, general.file_type).
@@ -41,8 +41,8 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str, tied: bool = Fa
     import gguf
 
     kinds = gguf.GGMLQuantizationType
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or \
-            name.startswith("position_embd"):
+    if len(shape) <= 1 or name.endswith(("_norm.weight", ".ffn_gate_inp.weight")) or not name.endswith(".weight") \
+            or name.startswith("position_embd"):
         return kinds.F32
     wanted = getattr(kinds, OUTTYPES[outtype][0])
     if wanted == kinds.Q4_0 and name in (OUTPUT, TIED_OUTPUT if tied else OUTPUT):
@@ -65,7 +65,7 @@ def write_gguf(model_dir: Path, outfile: Path, outtype: str, name: str, progress
     arch = archs.architecture(config)
     weights = BaseWeights(model_dir)
     try:
-        plan = archs.tensors(arch, config, [(n, weights.info(n).shape) for n in weights.names()])
+        plan = archs.plan(arch, config, [(n, weights.info(n).shape) for n in weights.names()])
         writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
@@ -100,9 +100,7 @@ def write_gguf(model_dir: Path, outfile: Path, outtype: str, name: str, progress
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for tensor, kind in zip(plan, types):
-                array = tensor.computed if tensor.computed is not None else \
-                    weights.read(tensor.source).float().numpy()
-                array = np.ascontiguousarray(tensor.transform(array), dtype=np.float32)
+                array = np.ascontiguousarray(tensor.layout.forward(read_sources(tensor, weights)), dtype=np.float32)
                 writer.write_tensor_data(gguf.quants.quantize(array, kind) if kind != gguf.GGMLQuantizationType.F32
                                          else array)
                 if progress is not None:
@@ -116,6 +114,15 @@ def write_gguf(model_dir: Path, outfile: Path, outtype: str, name: str, progress
         return written
     finally:
         weights.close()
+
+
+def read_sources(tensor: archs.ExportTensor, weights) -> np.ndarray:
+    """The tensor's checkpoint data in float32, as the file's layout change expects it (experts stacked)."""
+    if tensor.computed is not None:
+        return tensor.computed
+    if len(tensor.sources) == 1:
+        return weights.read(tensor.sources[0]).float().numpy()
+    return np.stack([weights.read(source).float().numpy() for source in tensor.sources])
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
