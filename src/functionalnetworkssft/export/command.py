@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from functionalnetworkssft import __version__
 from functionalnetworkssft.errors import FnsftError, UsageError, describe_write_error
+from functionalnetworkssft.export import llama_cpp
 from functionalnetworkssft.export.architectures import UnsupportedModel
 from functionalnetworkssft.export.modelfile import end_tokens, is_ours, write_modelfile
-from functionalnetworkssft.export.write import OUTTYPES, write_gguf
+from functionalnetworkssft.export.write import K_QUANTS, OUTTYPES, write_gguf
 from functionalnetworkssft.options import Options, arg, field_problems, parse
 from functionalnetworkssft.outputs import FolderLock, writable_problem, write_text_atomic
 
@@ -33,9 +34,10 @@ class ExportConfig(Options):
                          "first positional argument.")
     outfile: str = arg("GGUF file to write; FILE.gguf.json (the report) and an Ollama Modelfile are written beside "
                        "it.")
-    outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = arg(
+    outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] = arg(
         "Type of the weight matrices (norms, biases and vectors stay f32; a matrix whose rows are not a multiple of "
-        "32 falls back to f16 for the quantized types).", default="f16")
+        "32 falls back to f16 for the quantized types). The k-quants (q4_k_m, q5_k_m, q6_k) are made by llama.cpp's "
+        "quantizer, which llama-cpp-python provides.", default="f16")
     verify: Literal["on", "off"] = arg("Load the file back and compare its logits and tokenization with the model's.",
                                        default="on")
 
@@ -68,8 +70,12 @@ def export_gguf(model_dir: str | Path, outfile: str | Path, *, outtype: str = "f
 
 def _usage_problems(model_dir: Path, outfile: Path, outtype: str) -> list[str]:
     problems = []
-    if outtype not in OUTTYPES:
-        problems.append(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}.")
+    if outtype not in OUTTYPES and outtype not in K_QUANTS:
+        problems.append(f"--outtype {outtype}: choose one of {', '.join([*OUTTYPES, *K_QUANTS])}.")
+    elif outtype in K_QUANTS and not llama_cpp.available():
+        problems.append(f"--outtype {outtype}: the gguf package cannot write k-quants; install llama.cpp's quantizer "
+                        "(pip install 'functionalnetworkssft[gguf]'), or export --outtype f16 and run llama.cpp's "
+                        f"llama-quantize FILE-f16.gguf FILE-{outtype}.gguf {outtype.upper()}.")
     if not (model_dir / "config.json").is_file():
         problems.append(f"--model_dir {model_dir}: not a model folder (no config.json); point at merged_model/ or a "
                         "fully fine-tuned model folder.")
@@ -139,7 +145,10 @@ def _export_locked(model_dir: Path, outfile: Path, outtype: str, verify: bool, n
     staging = outfile.with_name(f".{outfile.name}.{os.getpid()}.partial")
     try:
         with tqdm(desc="Writing GGUF", unit="tensor", leave=False, disable=None) as progress:
-            written = write_gguf(model_dir, staging, outtype, name, progress)
+            if outtype in K_QUANTS:
+                written = _k_quant(model_dir, staging, outtype, name, progress)
+            else:
+                written = write_gguf(model_dir, staging, outtype, name, progress)
     except (UnsupportedModel, ExportError):
         staging.unlink(missing_ok=True)
         raise
@@ -184,6 +193,25 @@ def _export_locked(model_dir: Path, outfile: Path, outtype: str, verify: bool, n
     return report
 
 
+def _k_quant(model_dir: Path, staging: Path, outtype: str, name: str, progress):
+    """An f16 file first, then llama.cpp's quantizer into the staging file; the f16 file is removed either way."""
+    import gguf
+
+    f16 = staging.with_name(staging.name.removesuffix(".partial") + ".f16.partial")
+    try:
+        written = write_gguf(model_dir, f16, "f16", name, progress)
+        failure = llama_cpp.quantize(f16, staging, K_QUANTS[outtype])
+        if failure:
+            raise ExportError(f"--outtype {outtype}: {failure}.")
+    finally:
+        f16.unlink(missing_ok=True)
+    written.path, written.bytes, written.fallbacks = staging, staging.stat().st_size, []
+    written.types = {}
+    for tensor in gguf.GGUFReader(staging).tensors:
+        written.types[tensor.tensor_type.name] = written.types.get(tensor.tensor_type.name, 0) + 1
+    return written
+
+
 def _write_json(path: Path, report: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps({k: v for k, v in report.items() if k != "summary"}, indent=1) + "\n")
 
@@ -196,7 +224,8 @@ def _summary(outfile: Path, report: dict[str, Any]) -> str:
     if check["status"] == "skipped":
         return line + "; not verified (--verify off)."
     llama = check.get("llama_cpp", {})
-    return (f"{line}; verification passed: every weight is the model's stored as {report['outtype']}, the file's "
+    return (f"{line}; verification passed: every weight is the model's stored as {report['outtype']} "
+            f"({check['weight_check']}), the file's "
             f"logits are within {check['max_abs_logit_diff']:.3g} of the model's (tolerance {check['tolerance']:.3g}), "
             f"top-1 agreement {check['top1_agreement']:.1%}; tokenizer equal on {check['tokenizer_probes']} probes; "
             f"llama.cpp: {llama.get('status', 'not run')}. Modelfile: {report['modelfile']}.")
@@ -206,7 +235,9 @@ def _failures(check: dict[str, Any]) -> str:
     """What the verification found wrong, in a few words each."""
     found = []
     if not check["weights_equal_to_rounded_source"] or check["parameters_not_in_file"]:
-        found.append(f"weights differ from the model's by up to {check['max_abs_weight_diff_vs_rounded_source']:.3g}"
+        found.append((f"weights' relative error up to {check['max_relative_weight_error']:.3g}"
+                      if "max_relative_weight_error" in check else
+                      f"weights differ from the model's by up to {check['max_abs_weight_diff_vs_rounded_source']:.3g}")
                      + (f", {len(check['parameters_not_in_file'])} parameter(s) not in the file"
                         if check["parameters_not_in_file"] else ""))
     if check["max_abs_logit_diff"] > check["tolerance"] or check["top1_agreement"] < check["min_top1_agreement"]:

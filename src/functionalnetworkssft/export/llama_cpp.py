@@ -5,6 +5,10 @@ abort inside the library; in a child process that is reported as a failed check 
 the training run around it, down with it.
 
     python -m functionalnetworkssft.export.llama_cpp FILE.gguf REQUEST.json RESULT.npz
+    python -m functionalnetworkssft.export.llama_cpp --quantize IN.gguf OUT.gguf FTYPE
+
+The second form is llama.cpp's quantizer (what llama-quantize runs), for the k-quant types, which the gguf package
+cannot write.
 """
 
 from __future__ import annotations
@@ -52,6 +56,38 @@ def run(gguf_path: Path, probes: list[list[int]], greedy_tokens: int, texts: lis
                     [saved[f"tokens{i}"].astype(int).tolist() for i in range(len(texts))])
 
 
+def quantize(infile: Path, outfile: Path, ftype: int, timeout: float = 24 * 3600.0) -> str | None:
+    """Quantize infile (f16) into outfile with llama.cpp's own rules for `ftype` (e.g. Q4_K_M keeps the attention
+    value and feed-forward down projections of some layers at Q6_K); None, or a sentence saying why it failed."""
+    try:
+        done = subprocess.run([sys.executable, "-m", __name__, "--quantize", str(infile), str(outfile), str(ftype)],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"llama.cpp's quantizer did not finish within {timeout:.0f} s"
+    if done.returncode != 0 or not outfile.is_file():
+        if done.returncode < 0:
+            import signal
+
+            return (f"llama.cpp's quantizer crashed ({signal.Signals(-done.returncode).name}); the llama-cpp-python "
+                    "build may not suit this CPU (rebuild it with CMAKE_ARGS=-DGGML_NATIVE=OFF)")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"llama.cpp's quantizer failed (exit {done.returncode}): {last[:200]}"
+    return None
+
+
+def _quantize(infile: str, outfile: str, ftype: str) -> None:
+    import os
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = os.cpu_count() or 1
+    code = llama_cpp.llama_model_quantize(infile.encode(), outfile.encode(), params)
+    if code != 0:
+        raise SystemExit(f"llama_model_quantize returned {code}")
+
+
 def _main(gguf_path: str, request_path: str, result_path: str) -> None:
     from llama_cpp import Llama
 
@@ -81,4 +117,7 @@ def _main(gguf_path: str, request_path: str, result_path: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(*sys.argv[1:4])
+    if sys.argv[1] == "--quantize":
+        _quantize(*sys.argv[2:5])
+    else:
+        _main(*sys.argv[1:4])

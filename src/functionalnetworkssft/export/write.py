@@ -19,6 +19,10 @@ from functionalnetworkssft.export.vocab import add_tokenizer
 
 # Output type -> (GGML type of the large matrices, general.file_type).
 OUTTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2)}
+# The k-quants, by llama.cpp's file type (llama_ftype). The gguf package (0.19) can read them but not write them, so
+# they are made by llama.cpp's own quantizer from an f16 file, with llama.cpp's rules for which tensor gets which
+# type (Q4_K_M keeps some layers' attention-value and feed-forward-down projections and the output at Q6_K).
+K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 
 
 @dataclass

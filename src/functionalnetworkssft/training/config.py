@@ -272,7 +272,7 @@ class TrainConfig(Options):
     convert_to_gguf: bool = arg(
         "After training (and the merge, with --use_peft), export the model to output_dir/model.gguf for llama.cpp "
         "and Ollama, verified, with a Modelfile beside it.", default=False)
-    gguf_outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = arg(
+    gguf_outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] = arg(
         "Type of the GGUF's weight matrices (see fnsft export-gguf --help).", default="f16")
     push_to_hub: bool = arg("Upload the result to the Hugging Face Hub (the adapter, by default).", default=False)
     upload_gguf: bool = arg("Add model.gguf, its report and the Modelfile to the Hub upload (needs --convert_to_gguf "
@@ -360,6 +360,10 @@ class TrainConfig(Options):
                          "or drop --upload_merged_model.")
         if self.convert_to_gguf and self.use_peft and not self.merge_adapter_with_base:
             found.append("--convert_to_gguf with --use_peft exports the merged model; add --merge_adapter_with_base.")
+        if self.convert_to_gguf and self.gguf_outtype.endswith(("_k_m", "_k")) and \
+                importlib.util.find_spec("llama_cpp") is None:
+            found.append(f"--gguf_outtype {self.gguf_outtype}: k-quants are made by llama.cpp's quantizer; install it "
+                         "(pip install 'functionalnetworkssft[gguf]') or choose f16, q8_0 or q4_0.")
         if self.upload_gguf and not (self.push_to_hub and self.convert_to_gguf):
             found.append("--upload_gguf needs both --push_to_hub and --convert_to_gguf; add them or drop "
                          "--upload_gguf.")
