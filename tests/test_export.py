@@ -484,3 +484,69 @@ def test_llama3_rope_scaling_is_written_as_rope_factors(tmp_path):
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
     assert np.array_equal(factors, llama3_rope_factors(saved)) and len(factors) == 64 // 4 // 2
     assert factors.min() == 1.0 and factors.max() == 8.0  # high frequencies kept, low ones scaled by the factor
+
+
+def test_k_quants_without_llama_cpp_are_refused_naming_the_llama_quantize_route(tiny_llama, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from functionalnetworkssft.export import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    code, errors, _ = cli(capsys, "export-gguf", tiny_llama, "--outfile", tmp_path / "m.gguf", "--outtype", "q4_k_m")
+    assert code == 2
+    one_line(errors, "--outtype q4_k_m: the gguf package cannot write k-quants",
+             "llama-quantize FILE-f16.gguf FILE-q4_k_m.gguf Q4_K_M")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_k_quant_is_made_from_an_f16_file_by_llama_cpps_quantizer_and_held_to_its_error_bound(
+        tiny_llama, tmp_path, monkeypatch):
+    """The quantizer itself is llama.cpp's (stood in for here by one that writes q8_0, since llama-cpp-python is not
+    built in the test environment): fnsft hands it an f16 file, removes that file, reports the types the quantizer
+    chose and verifies the result against a bound on each weight's error, not exact rounding."""
+    import gguf
+
+    from functionalnetworkssft.export import llama_cpp
+    from functionalnetworkssft.export.write import write_gguf
+
+    handed = []
+
+    def quantize(infile, outfile, ftype):
+        handed.append((gguf.GGUFReader(infile).get_field("general.file_type").contents(), ftype))
+        write_gguf(tiny_llama, outfile, "q8_0", "m")
+        return None
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: True)
+    monkeypatch.setattr(llama_cpp, "quantize", quantize)
+    monkeypatch.setattr(llama_cpp, "run", lambda *args, **kwargs: "not installed here")
+    report = export_gguf(tiny_llama, tmp_path / "m.gguf", outtype="q4_k_m")
+    assert handed == [(1, 15)]  # an f16 file (general.file_type 1), llama.cpp's Q4_K_M file type
+    check = report["verification"]
+    assert check["status"] == "passed" and check["weight_check"].startswith("relative RMS error within 0.15")
+    assert 0 < check["max_relative_weight_error"] < 0.01  # q8_0 stood in for Q4_K
+    assert {"Q8_0", "F32"} <= set(report["tensor_types"])  # read from the quantizer's file, not the f16 one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf", "m.gguf.json"]
+
+    def damage(infile, outfile, ftype):  # a quantizer whose output is not the model
+        write_gguf(tiny_llama, outfile, "q4_0", "m")
+        with open(outfile, "r+b") as handle:
+            handle.seek(-4096, os.SEEK_END)
+            handle.write(bytes(4096))
+        return None
+
+    monkeypatch.setattr(llama_cpp, "quantize", damage)
+    with pytest.raises(ExportError, match="weights' relative error"):
+        export_gguf(tiny_llama, tmp_path / "bad" / "m.gguf", outtype="q4_k_m")
+    assert not (tmp_path / "bad" / "m.gguf").exists()
+
+
+def test_the_modelfile_recognises_each_familys_chat_template():
+    import families
+
+    from functionalnetworkssft.export.modelfile import family
+
+    expected = {"llama3": "Llama-3", "llama2": "Llama-2", "mistral": "Mistral", "qwen2.5": "ChatML",
+                "qwen3": "Qwen3 (ChatML with thinking)", "gemma2": "Gemma", "phi3": "Phi-3", "olmo2": "OLMo-2 / Tulu",
+                "granite": "Granite", "smollm3": "ChatML"}
+    for name, family_name in expected.items():
+        assert family(families.BY_NAME[name].template)[0] == family_name, name
+    assert family(None) is None and family("{{ messages }}") is None

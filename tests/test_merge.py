@@ -672,3 +672,62 @@ def test_streaming_verification_keeps_the_adapter_on_the_cpu_whatever_device_pef
     monkeypatch.setattr(peft.peft_model, "infer_device", lambda: "meta")  # stands in for "cuda" on this machine
     report = merge_adapter(adapter, tmp_path / "merged", base_model=str(tiny_llama), verify="on")
     assert report.verification["status"] == "passed" and report.verification["mode"] == "streaming"
+
+
+@pytest.fixture(scope="module")
+def moe_bases(tmp_path_factory):
+    """Tiny Mixtral and Qwen3-MoE with their real tokenizer kinds (tests/families.py)."""
+    import families
+
+    root = tmp_path_factory.mktemp("moe")
+    return {name: families.build(families.BY_NAME[name], root / name) for name in ("mixtral", "qwen3-moe")}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe"])
+def test_lora_on_stacked_experts_merges_exactly_like_peft(name, moe_bases, tmp_path):
+    """all-linear reaches a mixture of experts' stacked expert weights and router as LoRA on parameters (PEFT's
+    target_parameters): fnsft merge writes each expert's own checkpoint tensors as PEFT's merge_and_unload computes
+    them, and verifies the result."""
+    base = moe_bases[name]
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, lora_dropout=0.0,
+                           target_modules="all-linear")
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
+    report = merge_adapter(adapter, tmp_path / "merged", base_model=str(base))
+    assert report.verification["status"] == "passed", report.verification
+
+    reference = peft_model(base, adapter)
+    expected_logits = logits(reference)
+    reference.merge_and_unload().save_pretrained(tmp_path / "peft-merged")  # per-expert tensors, as on disk
+    expected, got = merged_state(tmp_path / "peft-merged"), merged_state(tmp_path / "merged")
+    assert set(got) == set(expected) == set(merged_state(base))
+    changed = 0
+    for key, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        changed += not torch.equal(tensor, merged_state(base)[key])
+    assert changed >= 2 * 4 * 3  # every expert's gate, up and down projection in both layers
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged")), expected_logits, atol=1e-4, rtol=0)
+
+
+def test_a_wrong_expert_merge_fails_verification(moe_bases, tmp_path, corrupt_merge):
+    adapter = make_adapter(moe_bases["qwen3-moe"], tmp_path / "adapter", r=4, lora_alpha=8, lora_dropout=0.0,
+                           target_modules="all-linear")
+    with pytest.raises(MergeError, match="verification failed"):
+        merge_adapter(adapter, tmp_path / "merged", base_model=str(moe_bases["qwen3-moe"]))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_gpt_neox_head_is_found_under_its_checkpoint_name(tmp_path):
+    """GPT-NeoX's checkpoint names its output head embed_out; transformers 5 loads it as lm_head. A LoRA on the head
+    (modules_to_save) and the verification find it under the name the checkpoint uses."""
+    import families
+
+    base = families.build(families.BY_NAME["gpt-neox"], tmp_path / "neox")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["query_key_value"],
+                           modules_to_save=["lm_head"])
+    report = merge_adapter(adapter, tmp_path / "merged", base_model=str(base))
+    assert report.verification["status"] == "passed", report.verification
+    state = merged_state(tmp_path / "merged")
+    assert "embed_out.weight" in state and "lm_head.weight" not in state
+    reference = peft_model(base, adapter)
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged")), logits(reference), atol=1e-4, rtol=0)
+    assert not torch.equal(state["embed_out.weight"], merged_state(base)["embed_out.weight"])
