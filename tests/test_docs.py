@@ -89,3 +89,27 @@ def test_docs_site_builds_strict_with_every_page_in_the_nav(tmp_path):
     for page in pages:
         html = site / ("index.html" if page == "index.md" else page.removesuffix(".md") + "/index.html")
         assert html.is_file(), f"{page} produced no {html.relative_to(site)}"
+
+
+def test_the_readme_family_table_is_the_families_the_tests_run_with_a_test_per_column():
+    import families
+    import family_tests
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Model families", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| family")]
+    assert len(rows) == len(families.FAMILIES)
+    tests = family_tests.family_tests(["llama3"])
+    # Each stage column and the family test that backs it.
+    backed_by = ["test_lora_training_merges_into_a_verified_model", "test_full_fine_tuning_saves_a_loadable_model",
+                 "test_the_merged_model_exports_to_a_verified_gguf", "test_the_gguf_equals_llama_cpp_converters_file",
+                 "test_the_merged_model_replies_through_its_chat_template"]
+    assert all(name in tests for name in backed_by)
+    import transformers
+
+    for row, family in zip(rows, families.FAMILIES):
+        config = getattr(transformers, family.config_class)()
+        assert row[1] == f"`{config.model_type}`", row
+        assert row[2] == {"bpe": "BPE", "sentencepiece": "SentencePiece"}[family.tokenizer], row
+        assert row[3:] == ["✓"] * len(backed_by), row

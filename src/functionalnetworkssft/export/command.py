@@ -182,7 +182,6 @@ def _export_locked(model_dir: Path, outfile: Path, outtype: str, verify: bool, n
         rejected = outfile.with_name(outfile.name + ".rejected")
         os.replace(staging, rejected)
         _write_json(outfile.with_name(outfile.name + ".json"), report)
-        check = report["verification"]
         raise ExportError(f"the exported file does not compute what {model_dir} computes with its weights stored "
                           f"as {outtype} ({_failures(report['verification'])}); kept as {rejected.name} for "
                           f"inspection, details in {outfile.name}.json.")

@@ -9,7 +9,7 @@ model of every family. Each change of layout comes with its inverse, which reads
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -37,11 +37,6 @@ class Layout:
 
 IDENTITY = Layout(lambda a: a, lambda a: a)
 TRANSPOSE = Layout(np.transpose, np.transpose, transposes=True)
-
-
-def then(first: Layout, second: Layout) -> Layout:
-    return Layout(lambda a: second.forward(first.forward(a)), lambda a: first.inverse(second.inverse(a)),
-                  first.transposes or second.transposes)
 
 
 def permute_rope(heads: int) -> Layout:
@@ -99,7 +94,6 @@ class Architecture:
     layout_of: Callable[[str, tuple[int, ...], dict[str, Any]], Layout | None] | None = None
     problem: Callable[[dict[str, Any]], str | None] | None = None
     computed: Callable[[dict[str, Any]], list[ExportTensor]] | None = None
-    skipped: tuple[str, ...] = field(default=())  # checkpoint tensors that are not weights (masks, cached tables)
 
 
 # Buffers some checkpoints carry that are not weights (causal masks, cached rotary frequencies).
@@ -207,7 +201,7 @@ def plan(arch: Architecture, config: dict[str, Any], names_and_shapes: list[tupl
     grouped: dict[str, list[tuple[int, str, tuple[int, ...]]]] = {}
     entries: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = []
     for name, shape in names_and_shapes:
-        if name.endswith(SKIPPED_SUFFIXES + arch.skipped):
+        if name.endswith(SKIPPED_SUFFIXES):
             continue
         expert = EXPERT.match(name)
         if expert:
@@ -248,6 +242,3 @@ def plan(arch: Architecture, config: dict[str, Any], names_and_shapes: list[tupl
         out += arch.computed(config)
     return out
 
-
-def with_layout(tensor: ExportTensor, layout: Layout) -> ExportTensor:
-    return replace(tensor, layout=layout)
