@@ -36,19 +36,9 @@ def run(gguf_path: Path, probes: list[list[int]], greedy_tokens: int, texts: lis
     with tempfile.TemporaryDirectory(prefix="fnsft-llama-cpp-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.npz"
         request.write_text(json.dumps({"probes": probes, "greedy_tokens": greedy_tokens, "texts": texts}))
-        try:
-            done = subprocess.run([sys.executable, "-m", __name__, str(gguf_path), str(request), str(result)],
-                                  capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return f"llama.cpp did not finish within {timeout:.0f} s"
-        if done.returncode != 0 or not result.is_file():
-            if done.returncode < 0:
-                import signal
-
-                return (f"llama.cpp crashed ({signal.Signals(-done.returncode).name}); the llama-cpp-python build "
-                        "may not suit this CPU (rebuild it with CMAKE_ARGS=-DGGML_NATIVE=OFF)")
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            return f"llama.cpp failed (exit {done.returncode}): {last[:200]}"
+        failure = _child([str(gguf_path), str(request), str(result)], result, timeout, "llama.cpp")
+        if failure:
+            return failure
         with np.load(result) as saved:
             count = len(probes)
             return ([saved[f"logits{i}"] for i in range(count)],
@@ -59,20 +49,25 @@ def run(gguf_path: Path, probes: list[list[int]], greedy_tokens: int, texts: lis
 def quantize(infile: Path, outfile: Path, ftype: int, timeout: float = 24 * 3600.0) -> str | None:
     """Quantize infile (f16) into outfile with llama.cpp's own rules for `ftype` (e.g. Q4_K_M keeps the attention
     value and feed-forward down projections of some layers at Q6_K); None, or a sentence saying why it failed."""
-    try:
-        done = subprocess.run([sys.executable, "-m", __name__, "--quantize", str(infile), str(outfile), str(ftype)],
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"llama.cpp's quantizer did not finish within {timeout:.0f} s"
-    if done.returncode != 0 or not outfile.is_file():
-        if done.returncode < 0:
-            import signal
+    return _child(["--quantize", str(infile), str(outfile), str(ftype)], outfile, timeout, "llama.cpp's quantizer")
 
-            return (f"llama.cpp's quantizer crashed ({signal.Signals(-done.returncode).name}); the llama-cpp-python "
-                    "build may not suit this CPU (rebuild it with CMAKE_ARGS=-DGGML_NATIVE=OFF)")
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"llama.cpp's quantizer failed (exit {done.returncode}): {last[:200]}"
-    return None
+
+def _child(arguments: list[str], output: Path, timeout: float, what: str) -> str | None:
+    """Run this module in a child process; None when it wrote `output`, else a sentence saying why not."""
+    try:
+        done = subprocess.run([sys.executable, "-m", __name__, *arguments], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{what} did not finish within {timeout:.0f} s"
+    if done.returncode == 0 and output.is_file():
+        return None
+    if done.returncode < 0:
+        import signal
+
+        return (f"{what} crashed ({signal.Signals(-done.returncode).name}); the llama-cpp-python build may not suit "
+                "this CPU (rebuild it with CMAKE_ARGS=-DGGML_NATIVE=OFF)")
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"{what} failed (exit {done.returncode}): {last[:200]}"
 
 
 def _quantize(infile: str, outfile: str, ftype: str) -> None:
