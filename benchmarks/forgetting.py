@@ -18,6 +18,9 @@ order and LoRA initialisation per seed:
   replay1              lora_all@1e-3 + the product's `replay` guard on the stream (its default lambda)
   kl10+lesion_ica10    lesion_ica10 + the kl guard, lambda 10
 
+The headline arms (the baselines, kl10 and kl10@share0.25) run 5 seeds, the others the first 3; masked_kl10 runs
+in the quick plan only.
+
 The guard terms are the product's own (functionalnetworkssft.forgetting.ForgettingGuard with the adapter switched
 off as the base), on its own default text: windows of 96 tokens the base writes from neutral prompts
 (text.generated), 4 windows per step.
@@ -80,6 +83,13 @@ QUICK = {**FULL, "steps": 16, "early_evals": [2], "seeds": [0], "task_eval": 32,
 
 REFERENCE = "lora_all@1e-3"
 BASELINES = ["lora_all@1e-3", "lora_all@3e-4", "lora_all@1e-4", "lora_down@1e-3"]
+# The headline arms run every seed: the baselines (the frontier every method is read against) and the kl guard at
+# λ 10, the setting the goal is tested on, with 4 windows per step and at the product's default share. The other arms
+# run the first 3 seeds (their comparisons are paired on those), which brings the full run from 70 to 51 runs.
+HEADLINE = BASELINES + ["kl10", "kl10@share0.25"]
+OTHER_SEEDS = 3
+# masked_kl at λ 10 (the first default) is in the quick run only: it showed that setting keeps 28% of the gain.
+QUICK_ONLY = ("masked_kl10",)
 DOMAINS = {"A": "Python documentation", "B": "Britannica prose", "G": "text the base wrote (product's probe)"}
 HELD_OUT = ("A", "B")  # the domains the goal is judged on; G is the product's own probe, which they validate
 GOAL = {"gain_kept": 0.95, "kl_reduction": 0.85, "alpha": 0.05}
@@ -637,13 +647,17 @@ def plot(results: dict, path: Path) -> None:
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
+def seeds_of(arm: str, cfg: dict) -> list[int]:
+    return cfg["seeds"] if arm in HEADLINE else cfg["seeds"][:OTHER_SEEDS]
+
+
 def estimate(cfg: dict, arm_names: list[str], specs: dict, mode: str) -> float:
     evals = len([s for s in range(1, cfg["steps"] + 1) if evaluated(s, cfg)])
     seconds = 0.0
     for arm in arm_names:
         spec = specs[arm]
         step = STEP_SECONDS[spec["targets"]] + (STEP_SECONDS[spec["guard"][0]] if spec.get("guard") else 0.0)
-        seconds += len(cfg["seeds"]) * (cfg["steps"] * step + evals * EVAL_SECONDS[mode])
+        seconds += len(seeds_of(arm, cfg)) * (cfg["steps"] * step + evals * EVAL_SECONDS[mode])
     return seconds + 240.0  # loading, the base's generated text (cached after a first run), mask selection
 
 
@@ -656,13 +670,13 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     cfg = QUICK if args.quick else FULL
     specs = arm_specs()
-    arm_names = QUICK_ARMS if args.quick else list(specs)
+    arm_names = QUICK_ARMS if args.quick else [a for a in specs if a not in QUICK_ONLY]
     if args.list:
-        print(f"{mode}: {len(arm_names)} arms x {len(cfg['seeds'])} seeds = {len(arm_names) * len(cfg['seeds'])} runs "
-              f"of {cfg['steps']} steps, evaluated at steps "
+        print(f"{mode}: {len(arm_names)} arms, {sum(len(seeds_of(a, cfg)) for a in arm_names)} runs of "
+              f"{cfg['steps']} steps, evaluated at steps "
               f"{[0] + [s for s in range(1, cfg['steps'] + 1) if evaluated(s, cfg)]}")
         for arm in arm_names:
-            print(f"  {arm:20s} {json.dumps(specs[arm])}  seeds {cfg['seeds']}")
+            print(f"  {arm:20s} {json.dumps(specs[arm])}  seeds {seeds_of(arm, cfg)}")
         print(f"estimated time on the 2-core machine: {estimate(cfg, arm_names, specs, mode) / 60:.0f} minutes")
         return
     if not args.json:
@@ -692,7 +706,8 @@ def main() -> None:
     results["setup_seconds"] = round(time.perf_counter() - started, 1)
     save(results, out)
     # Seed by seed, so that an interrupted run still leaves complete paired comparisons.
-    todo = [(a, s) for s in cfg["seeds"] for a in arm_names if f"{a}|{s}" not in results["runs"]]
+    todo = [(a, s) for s in cfg["seeds"] for a in arm_names
+            if s in seeds_of(a, cfg) and f"{a}|{s}" not in results["runs"]]
     log(f"{len(results['runs'])} runs done, {len(todo)} to go")
     for arm, seed in todo:
         run = run_arm(arm, specs[arm], seed, base, sets, results.get("networks", {}), cfg, results["base_eval"], log)
