@@ -14,7 +14,7 @@ from conftest import CONVERSATIONS
 from families import Family
 
 ROWS = [{"messages": m} for m in CONVERSATIONS[:12]]
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 # The canonical converter (llama.cpp's convert_hf_to_gguf.py with its gguf-py), which `make setup` unpacks here.
 CONVERTER = Path(__file__).resolve().parents[1] / ".venv" / "llama.cpp"
 # llama.cpp's converter recognises a byte-level BPE tokenizer by hashing how it splits a test text, which only works
