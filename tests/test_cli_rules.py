@@ -48,6 +48,21 @@ def test_each_flag_rule_exits_2_naming_the_flag_and_writes_nothing(capsys, tmp_p
     assert not out.exists()
 
 
+def test_a_k_quant_export_without_llama_cpps_quantizer_is_refused_before_training(capsys, tmp_path, data,
+                                                                                    monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp"
+                        else find_spec(name, *a))
+    out = tmp_path / "out"
+    code, lines = run(capsys, *base_args(data, out), "--use_peft", "--merge_adapter_with_base", "--convert_to_gguf",
+                      "--gguf_outtype", "q4_k_m")
+    assert code == 2
+    assert any("--gguf_outtype q4_k_m: k-quants are made by llama.cpp's quantizer" in line for line in lines), lines
+    assert not out.exists()
+
+
 def test_all_problems_are_reported_together(capsys, tmp_path, data):
     out = tmp_path / "out"
     code, lines = run(capsys, *base_args(data, out), "--merge_adapter_with_base", "--push_to_hub", "--use_4bit",
