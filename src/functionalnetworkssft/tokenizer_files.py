@@ -9,6 +9,7 @@ They are copied from the base as they are: tokenizer.json keeps any token the tr
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def carry(source: str | Path, destination: Path, revision: str | None = None) ->
     folder or a Hub id (its files are taken from the local Hub cache, or downloaded where the Hub is reachable)."""
     carried = []
     for name in VOCABULARY_FILES:
-        if (destination / name).exists():
+        if os.path.lexists(destination / name):  # also a link: never written through
             continue
         found = _find(source, name, revision)
         if found is not None:
