@@ -3,6 +3,7 @@ network that restricts it."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from functionalnetworkssft import modeling, networks
@@ -161,8 +162,13 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quant
             return output
 
     callbacks = [guard] + ([ProbeAtEnds(probe)] if probe is not None else [])
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    with warnings.catch_warnings():
+        # PEFT adds rank and alpha patterns for a mixture of experts' fused gate_up_proj that its own matching then
+        # misses, and warns about it on every MoE run; the adapter gets the configured rank, which the merge reads
+        # from PEFT itself, so the warning tells the user nothing they can act on.
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     if probe is not None:
         callbacks[-1].trainer = trainer
     if cfg.gradient_checkpointing and cfg.use_peft:
