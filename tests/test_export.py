@@ -550,3 +550,60 @@ def test_the_modelfile_recognises_each_familys_chat_template():
     for name, family_name in expected.items():
         assert family(families.BY_NAME[name].template)[0] == family_name, name
     assert family(None) is None and family("{{ messages }}") is None
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("falcon", {"bias": True}, "its linear layers have biases"),
+    ("falcon", {"parallel_attn": False}, "parallel_attn false"),
+    ("falcon", {"alibi": True}, "ALiBi"),
+    ("gemma2", {"query_pre_attn_scalar": 256}, "query_pre_attn_scalar 256) is not its head size (16)"),
+    ("gemma2", {"layer_types": ["full_attention", "full_attention"]}, "one-global-layer-in-2 pattern"),
+    ("gemma2", {"rope_parameters": "x"}, "its rope_parameters is 'x', not a mapping"),
+    ("qwen3-moe", {"norm_topk_prob": False}, "norm_topk_prob false"),
+    ("qwen3-moe", {"mlp_only_layers": [1]}, "some of its layers are dense"),
+    ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "every-4th-layer pattern"),
+])
+def test_what_llama_cpp_would_compute_otherwise_is_refused_in_one_line(name, change, message, tmp_path, capsys):
+    import families
+
+    folder = families.build(families.BY_NAME[name], tmp_path / name)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    code, errors, _ = cli(capsys, "export-gguf", folder, "--outfile", tmp_path / "out" / "m.gguf")
+    assert code == 1
+    one_line(errors, message)
+    assert not (tmp_path / "out" / "m.gguf").exists()
+
+
+def test_older_config_spellings_are_read_as_transformers_reads_them(tmp_path):
+    """Pythia's config.json says rotary_pct and rotary_emb_base; Falcon-7B's has no context length (transformers'
+    default, 2048). The merge copies the base's config.json as it is, so the export must read these too."""
+    import families
+    import gguf
+
+    neox = families.build(families.BY_NAME["gpt-neox"], tmp_path / "neox")
+    config = json.loads((neox / "config.json").read_text())
+    config.pop("rope_parameters")
+    (neox / "config.json").write_text(json.dumps({**config, "rotary_pct": 0.25, "rotary_emb_base": 10000}))
+    export_gguf(neox, tmp_path / "neox.gguf", outtype="f32")
+    assert gguf.GGUFReader(tmp_path / "neox.gguf").get_field("gptneox.rope.dimension_count").contents() == 4
+    falcon = families.build(families.BY_NAME["falcon"], tmp_path / "falcon")
+    config = json.loads((falcon / "config.json").read_text())
+    config.pop("max_position_embeddings")
+    (falcon / "config.json").write_text(json.dumps(config))
+    export_gguf(falcon, tmp_path / "falcon.gguf", outtype="f32")
+    assert gguf.GGUFReader(tmp_path / "falcon.gguf").get_field("falcon.context_length").contents() == 2048
+
+
+def test_a_file_llama_cpp_refuses_to_load_is_rejected_not_passed_as_unchecked(tiny_llama, tmp_path, monkeypatch):
+    from functionalnetworkssft.export import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: True)
+    monkeypatch.setattr(llama_cpp, "run", lambda *args, **kwargs: llama_cpp.Refused(
+        "llama.cpp failed (exit 3): llama.cpp refused the file: Failed to load model"))
+    with pytest.raises(ExportError, match="llama.cpp computes otherwise"):
+        export_gguf(tiny_llama, tmp_path / "m.gguf", outtype="f16")
+    assert not (tmp_path / "m.gguf").exists() and (tmp_path / "m.gguf.rejected").exists()
+    monkeypatch.setattr(llama_cpp, "run", lambda *args, **kwargs: "llama.cpp crashed (SIGILL); the build ...")
+    report = export_gguf(tiny_llama, tmp_path / "again" / "m.gguf", outtype="f16")  # the build, not the file
+    assert report["verification"]["llama_cpp"]["status"] == "not run"

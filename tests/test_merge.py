@@ -731,3 +731,19 @@ def test_gpt_neox_head_is_found_under_its_checkpoint_name(tmp_path):
     reference = peft_model(base, adapter)
     torch.testing.assert_close(logits(load_merged(tmp_path / "merged")), logits(reference), atol=1e-4, rtol=0)
     assert not torch.equal(state["embed_out.weight"], merged_state(base)["embed_out.weight"])
+
+
+def test_experts_the_checkpoint_does_not_have_are_one_line_not_a_crash(moe_bases, tmp_path):
+    from safetensors.torch import save_file
+
+    source = moe_bases["qwen3-moe"]
+    adapter = make_adapter(source, tmp_path / "adapter", r=4, lora_alpha=8, lora_dropout=0.0,
+                           target_modules="all-linear")
+    base = tmp_path / "base"
+    shutil.copytree(source, base)
+    state = load_file(base / "model.safetensors")
+    for key in [k for k in state if "layers.0.mlp.experts.3." in k]:
+        del state[key]
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeError, match="do not make up its 4 experts of 128 rows"):
+        merge_adapter(adapter, tmp_path / "merged", base_model=str(base))

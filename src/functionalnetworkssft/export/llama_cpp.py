@@ -23,6 +23,14 @@ from typing import Any
 import numpy as np
 
 
+# The child's exit status when llama.cpp loaded and refused the file (wrong tensors, missing metadata).
+REFUSED = 3
+
+
+class Refused(str):
+    """llama.cpp read the file and would not load it: the file is wrong, whatever the build."""
+
+
 def available() -> bool:
     import importlib.util
 
@@ -32,13 +40,14 @@ def available() -> bool:
 def run(gguf_path: Path, probes: list[list[int]], greedy_tokens: int, texts: list[str], timeout: float = 600.0
         ) -> tuple[list[np.ndarray], list[list[int]], list[list[int]]] | str:
     """Each probe's logits and greedy continuation from llama.cpp, and its tokenization of `texts` (special tokens
-    parsed, BOS as the file says), or a sentence saying why there are none."""
+    parsed, BOS as the file says), or a sentence saying why there are none (a Refused one when llama.cpp would not
+    load the file)."""
     with tempfile.TemporaryDirectory(prefix="fnsft-llama-cpp-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.npz"
         request.write_text(json.dumps({"probes": probes, "greedy_tokens": greedy_tokens, "texts": texts}))
         failure = _child([str(gguf_path), str(request), str(result)], result, timeout, "llama.cpp")
         if failure:
-            return failure
+            return Refused(failure) if failure.startswith(f"llama.cpp failed (exit {REFUSED})") else failure
         with np.load(result) as saved:
             count = len(probes)
             return ([saved[f"logits{i}"] for i in range(count)],
@@ -88,8 +97,12 @@ def _main(gguf_path: str, request_path: str, result_path: str) -> None:
 
     request: dict[str, Any] = json.loads(Path(request_path).read_text())
     probes, greedy_tokens = request["probes"], request["greedy_tokens"]
-    model = Llama(model_path=gguf_path, n_ctx=max(64, max(len(p) for p in probes) + greedy_tokens + 8),
-                  logits_all=True, verbose=False, seed=0)
+    try:
+        model = Llama(model_path=gguf_path, n_ctx=max(64, max(len(p) for p in probes) + greedy_tokens + 8),
+                      logits_all=True, verbose=False, seed=0)
+    except ValueError as exc:  # llama.cpp read the file and refused it: a verdict on the file, not on the build
+        print(f"llama.cpp refused the file: {exc}", file=sys.stderr)
+        raise SystemExit(REFUSED) from None
     arrays = {}
     for index, probe in enumerate(probes):
         model.reset()

@@ -34,16 +34,17 @@ MISTRAL = ('[INST] {{ range $index, $_ := .Messages }}\n{{- if eq .Role "system"
            '{{ else if eq .Role "user" }}{{ .Content }}[/INST]\n'
            '{{- else if eq .Role "assistant" }} {{ .Content }}</s>[INST] {{ end }}\n{{- end }}',
            ["[INST]", "[/INST]"])
-GEMMA = ('{{- $system := "" }}\n{{- range .Messages }}\n{{- if eq .Role "system" }}\n'
-         '{{- if not $system }}{{ $system = .Content }}\n{{- else }}{{ $system = printf "%s\\n\\n%s" $system .Content }}\n'
-         '{{- end }}\n{{- continue }}\n{{- else if eq .Role "user" }}<start_of_turn>user\n{{- if $system }}\n'
-         '{{ $system }}\n{{- $system = "" }}\n{{- end }}\n{{- else if eq .Role "assistant" }}<start_of_turn>model\n'
-         '{{- end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n',
+# Gemma: the system message opens the first user turn, followed by a blank line.
+GEMMA = ('{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{ $system = .Content }}{{- continue }}'
+         '{{- end }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}\n'
+         '{{ if and $system (eq .Role "user") }}{{ $system }}\n\n{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>\n'
+         '{{ end }}<start_of_turn>model\n',
          ["<start_of_turn>", "<end_of_turn>"])
 PHI3 = ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n',
         ["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"])
 # OLMo-2 Instruct (Tulu's turns): like Phi-3's role markers, but a reply ends with the end-of-text token.
-TULU = ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}\n{{ end }}<|assistant|>\n',
+TULU = ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}{{ if eq .Role "assistant" }}<|endoftext|>{{ end }}\n'
+        '{{ end }}<|assistant|>\n',
         ["<|system|>", "<|user|>", "<|assistant|>"])
 GRANITE = ('{{- range .Messages }}<|start_of_role|>{{ .Role }}<|end_of_role|>{{ .Content }}<|end_of_text|>\n'
            '{{ end }}<|start_of_role|>assistant<|end_of_role|>',

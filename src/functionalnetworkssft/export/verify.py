@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from functionalnetworkssft.errors import FnsftError, first_line
 from functionalnetworkssft.verification import probe_inputs, quiet, run_probe
 
 # |logit difference| allowed, relative to the largest source logit (at least 1), and the share of positions whose
@@ -49,8 +50,12 @@ def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, An
     import gguf
     from transformers import AutoModelForCausalLM
 
-    with quiet():
-        model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    try:
+        with quiet():
+            model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise FnsftError(f"{source_dir}: transformers cannot load the model to check the export against it "
+                         f"({first_line(exc)}); its weights do not fit its config.json.") from None
     vocab = model.get_input_embeddings().weight.shape[0]
     probes = probe_inputs(source_dir, vocab)
     device = torch.device("cpu")
@@ -296,6 +301,8 @@ def _llama_cpp(gguf_path: Path, probes, expected_runs, tolerance: float, texts, 
         return {"status": "not run",
                 "why": "llama-cpp-python is not installed (pip install 'functionalnetworkssft[gguf]')"}
     outcome = llama_cpp.run(gguf_path, probes, len(expected_runs[0][1]), list(texts))
+    if isinstance(outcome, llama_cpp.Refused):
+        return {"status": "failed", "why": outcome}
     if isinstance(outcome, str):
         # The checker could not run (a crash is about the llama.cpp build, not the file): said, not failed.
         return {"status": "not run", "why": outcome}

@@ -104,7 +104,13 @@ def write_gguf(model_dir: Path, outfile: Path, outtype: str, name: str, progress
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for tensor, kind in zip(plan, types):
-                array = np.ascontiguousarray(tensor.layout.forward(read_sources(tensor, weights)), dtype=np.float32)
+                try:
+                    array = np.ascontiguousarray(tensor.layout.forward(read_sources(tensor, weights)),
+                                                 dtype=np.float32)
+                except ValueError as exc:  # a layout from config.json's head counts that the tensor cannot have
+                    raise archs.UnsupportedModel(
+                        f"{model_dir / 'config.json'}: missing or malformed hyperparameter: {tensor.sources[0]} of "
+                        f"shape {tuple(tensor.shape)} does not fit it ({exc}).") from None
                 writer.write_tensor_data(gguf.quants.quantize(array, kind) if kind != gguf.GGMLQuantizationType.F32
                                          else array)
                 if progress is not None:
@@ -144,4 +150,18 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise FnsftError(f"{path}: unreadable ({exc}).") from None
     if not isinstance(config, dict):
         raise FnsftError(f"{path}: expected a JSON object.")
-    return config
+    return {**config, **_normalised(model_dir, config)}
+
+
+def _normalised(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The config as transformers reads it: older spellings (Pythia's rotary_pct and rotary_emb_base) in their
+    current form and the defaults a config.json may leave out (Falcon-7B's context length). A config transformers
+    cannot read (remote code, an unknown model type) is used as it is."""
+    if config.get("auto_map"):
+        return {}
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_dir).to_dict()
+    except Exception:  # the architecture check names what is wrong with such a config
+        return {}

@@ -37,10 +37,16 @@ def wrapped_parameters(model, adapter_config: dict[str, Any]) -> dict[str, Wrapp
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora.layer import ParamWrapper
 
+    import warnings
+
     settings = {k: v for k, v in adapter_config.items() if k in LoraConfig.__dataclass_fields__}
     settings.update(inference_mode=True)
     try:
-        inject_adapter_in_model(LoraConfig(**settings), model, low_cpu_mem_usage=True)
+        with warnings.catch_warnings():
+            # PEFT's own rank and alpha patterns for a fused gate_up_proj, which its matching misses (a notice about
+            # PEFT's config, nothing the user can act on); the ranks read below are the ones PEFT applies.
+            warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+            inject_adapter_in_model(LoraConfig(**settings), model, low_cpu_mem_usage=True)
     except (ValueError, TypeError, KeyError) as exc:
         raise MergeError(f"adapter_config.json: PEFT cannot place this adapter on the base ({exc}).") from None
     found = {}
@@ -82,6 +88,13 @@ def expert_targets(module: str, wrapped: Wrapped, parts: dict[str, torch.Tensor]
     pieces = layout.fused.get(wrapped.parameter)
     if not pieces:
         raise MergeError(f"{folder}: the adapter changes {wrapped.parameter}, which is not in the base checkpoint.")
+    covered = sorted((piece.expert, piece.offset, piece.rows) for piece in pieces)
+    if any(piece.expert >= experts for piece in pieces) or \
+            {e: sum(rows for x, _, rows in covered if x == e) for e, _, _ in covered} != dict.fromkeys(range(experts),
+                                                                                                       out_f):
+        raise MergeError(f"{folder}: the base checkpoint's tensors for {wrapped.parameter} "
+                         f"({', '.join(piece.disk for piece in pieces[:2])}, ...) do not make up its {experts} experts "
+                         f"of {out_f} rows; the checkpoint does not match its config.json.")
     per_expert_a = A.reshape(experts, r, in_f)
     per_expert_b = B.reshape(out_f, r, experts)
     return [(piece.disk, per_expert_a[piece.expert].contiguous(),

@@ -25,11 +25,17 @@ def architecture(config: dict[str, Any]) -> Architecture:
     arch = ARCHITECTURES[model_type]
     try:
         problem = arch.problem(config) if arch.problem else None
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
         raise UnsupportedModel(f"GGUF export: config.json is missing or has a malformed hyperparameter ({exc}); "
                                f"it is not a complete {model_type} config.") from None
     if problem:
         raise UnsupportedModel(f"GGUF export of this {model_type} model: {problem}.")
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in config and not (isinstance(config[key], int) and config[key] > 0):
+            raise UnsupportedModel(f"GGUF export: config.json's {key} is {config[key]!r}, not a positive count.")
+    if not any(isinstance(config.get(key), int) for key in ("num_hidden_layers", "n_layer")):
+        raise UnsupportedModel(f"GGUF export: config.json has no layer count (num_hidden_layers); it is not a "
+                               f"complete {model_type} config.")
     return arch
 
 

@@ -72,15 +72,25 @@ def _gemma2(writer, config: dict[str, Any]) -> None:
         writer.add_sliding_window(config["sliding_window"])
 
 
-def _sliding_problem(every: int):
-    """Gemma-2 alternates sliding and global layers, Gemma-3 has one global layer in 6: llama.cpp assumes it."""
+def _sliding_problem(every: int, large_layers: int):
+    """Gemma-2 alternates sliding and global layers, Gemma-3 has one global layer in 6: llama.cpp assumes it. It also
+    scales attention by 1/sqrt(head_dim), except for the 27B models (by their layer count), which it scales by the
+    hidden size per head: a query_pre_attn_scalar that is neither is refused."""
     def problem(config: dict[str, Any]) -> str | None:
+        scalar = config.get("query_pre_attn_scalar")
+        size = head_dim(config)
+        if scalar is not None and scalar != size and not (
+                config["num_hidden_layers"] == large_layers
+                and scalar == config["hidden_size"] // config["num_attention_heads"]):
+            return (f"its attention scale (query_pre_attn_scalar {scalar}) is not its head size ({size}), which is "
+                    "what llama.cpp scales by")
         types = config.get("layer_types")
         expected = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
                     for i in range(config["num_hidden_layers"])]
         if types is not None and types != expected:
             return f"its layer_types differ from the one-global-layer-in-{every} pattern llama.cpp implements"
-        scaling = (config.get("rope_parameters") or {}).get("sliding_attention") or {}
+        parameters = config.get("rope_parameters")
+        scaling = (parameters.get("sliding_attention") or {}) if isinstance(parameters, dict) else {}
         if isinstance(scaling, dict) and scaling.get("rope_type", "default") != "default":
             return "its sliding layers use rope scaling, which llama.cpp does not read"
         return None
@@ -195,6 +205,11 @@ def _kv_groups(groups: int, per_group: int) -> Layout:
 def _falcon_problem(config: dict[str, Any]) -> str | None:
     if config.get("alibi"):
         return "it uses ALiBi positions, which llama.cpp's Falcon does not"
+    if config.get("bias"):
+        return "its linear layers have biases, which llama.cpp's Falcon has no place for"
+    if config.get("parallel_attn") is False:
+        return "its attention and MLP run one after the other (parallel_attn false); llama.cpp's Falcon runs them " \
+               "side by side"
     return None
 
 
@@ -227,6 +242,9 @@ def _all(*problems):
 
 
 def _rope_problem(config: dict[str, Any]) -> str | None:
+    for key in ("rope_parameters", "rope_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            return f"its {key} is {config[key]!r}, not a mapping"
     kind = rope_type(config)
     if kind not in ("default", "linear", "llama3", "yarn"):
         return f"its rope scaling '{kind}' is not supported (supported: none, linear, llama3, yarn)"
@@ -238,15 +256,16 @@ ARCHITECTURES = {arch.model_type: arch for arch in [
     Architecture("llama", "llama", **LLAMA_LIKE, problem=_rope_problem),
     Architecture("mistral", "llama", **LLAMA_LIKE, problem=_all(_rope_problem, _sliding_llama_problem)),
     Architecture("mixtral", "llama", **LLAMA_LIKE, problem=_all(_rope_problem, _sliding_llama_problem)),
-    Architecture("granite", "granite", permute_qk=True, metadata=_granite, problem=_rope_problem),
+    Architecture("granite", "granite", permute_qk=True, metadata=_granite, computed=_rope_freqs,
+                 problem=_rope_problem),
     Architecture("smollm3", "smollm3", **LLAMA_LIKE, problem=_all(_rope_problem, _smollm3_problem)),
     Architecture("qwen2", "qwen2", problem=_rope_problem),
     Architecture("qwen3", "qwen3", problem=_rope_problem),
     Architecture("qwen3_moe", "qwen3moe", metadata=_qwen3_moe, problem=_all(_rope_problem, _qwen_moe_problem)),
     Architecture("gemma2", "gemma2", norm_offset=1.0, metadata=_gemma2, problem=_all(_rope_problem,
-                                                                                       _sliding_problem(2))),
+                                                                                       _sliding_problem(2, 46))),
     Architecture("gemma3_text", "gemma3", norm_offset=1.0, metadata=_gemma3, problem=_all(_rope_problem,
-                                                                                            _sliding_problem(6))),
+                                                                                            _sliding_problem(6, 62))),
     Architecture("phi3", "phi3", metadata=_phi3, computed=_phi3_factors, problem=_phi3_problem),
     Architecture("olmo2", "olmo2", problem=_rope_problem),
     Architecture("gpt2", "gpt2", metadata=_gpt2, layout_of=_gpt2_layout),
