@@ -42,3 +42,17 @@ def test_the_attention_alone_keeps_the_default_dropout(qwen3_moe, tmp_path, caps
     adapter = json.loads((tmp_path / "out" / "final_model" / "adapter_config.json").read_text())
     assert adapter["lora_dropout"] == 0.05 and not adapter.get("target_parameters")
     assert "LoRA: dropout 0" not in capsys.readouterr().out
+
+
+def test_per_expert_layer_names_reach_the_stacked_experts_and_a_half_pair_is_one_line(qwen3_moe):
+    """Recipes written for per-expert layers (gate_proj, up_proj, down_proj) reach transformers 5's stacked experts
+    through PEFT's mapping; gate_proj without up_proj (stacked together) is refused with PEFT's reason, once."""
+    from transformers import AutoModelForCausalLM
+
+    from functionalnetworkssft import modeling
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_moe)
+    assert modeling.lora_problems(model, ["q_proj", "gate_proj", "up_proj", "down_proj"], 8) == []
+    problems = modeling.lora_problems(model, ["gate_proj"], 8)
+    assert len(problems) == 1 and "gate_proj without also targeting up_proj" in problems[0]
+    assert "nonsense matches no layer" in modeling.lora_problems(model, ["q_proj", "nonsense"], 8)[0]

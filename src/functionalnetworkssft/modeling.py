@@ -329,6 +329,13 @@ def lora_problems(model, targets: list[str], rank: int) -> list[str]:
         names = [name for name, _ in model.named_modules() if name]
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
+            # On transformers 5 a mixture of experts keeps its experts as stacked parameters, and PEFT maps the
+            # per-expert names (gate_proj, up_proj, down_proj, w1, ...) onto them.
+            mapped, why = _mapped_to_parameters(model, targets)
+            if why:
+                found.append(f"--lora_target_modules: {why}")
+            missing = [t for t in missing if t not in mapped and t not in (why or "")]
+        if missing:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
             found.append(f"--lora_target_modules: {', '.join(missing)} matches no layer of the model; its linear "
@@ -339,6 +346,27 @@ def lora_problems(model, targets: list[str], rank: int) -> list[str]:
         found.append(f"--lora_r {rank} exceeds what any layer of this model can use (at most {widest}, the narrower "
                      "side of its largest linear layer); choose a smaller rank.")
     return found
+
+
+def _mapped_to_parameters(model, targets: list[str]) -> tuple[set[str], str | None]:
+    """The target names PEFT maps onto a mixture of experts' stacked parameters, and PEFT's reason when it
+    refuses the combination (e.g. gate_proj without up_proj, which are stacked together)."""
+    import copy
+
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        return set(), None
+    config = LoraConfig(target_modules=list(targets))
+    converted = copy.deepcopy(config)
+    try:
+        convert_peft_config_for_transformers(converted, model=model, conversions=None)
+    except ValueError as exc:
+        return set(), str(exc).splitlines()[0]
+    if not converted.target_parameters:
+        return set(), None
+    return set(targets) - set(converted.target_modules or []), None
 
 
 def lora_parameter_targets(model, config) -> list[str]:
