@@ -61,7 +61,8 @@ def wrapped_parameters(model, adapter_config: dict[str, Any]) -> dict[str, Wrapp
     return found
 
 
-def expert_targets(module: str, wrapped: Wrapped, parts: dict[str, torch.Tensor], layout, folder) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def expert_targets(module: str, wrapped: Wrapped, parts: dict[str, torch.Tensor], layout, folder
+                   ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(checkpoint tensor, A, B) for each tensor the wrapped parameter is built from: linear LoRA factors whose
     product is that tensor's share of PEFT's delta."""
     if set(parts) != {"lora_A.weight", "lora_B.weight"}:
@@ -88,10 +89,10 @@ def expert_targets(module: str, wrapped: Wrapped, parts: dict[str, torch.Tensor]
     pieces = layout.fused.get(wrapped.parameter)
     if not pieces:
         raise MergeError(f"{folder}: the adapter changes {wrapped.parameter}, which is not in the base checkpoint.")
-    covered = sorted((piece.expert, piece.offset, piece.rows) for piece in pieces)
-    if any(piece.expert >= experts for piece in pieces) or \
-            {e: sum(rows for x, _, rows in covered if x == e) for e, _, _ in covered} != dict.fromkeys(range(experts),
-                                                                                                       out_f):
+    rows: dict[int, int] = {}
+    for piece in pieces:
+        rows[piece.expert] = rows.get(piece.expert, 0) + piece.rows
+    if rows != dict.fromkeys(range(experts), out_f):
         raise MergeError(f"{folder}: the base checkpoint's tensors for {wrapped.parameter} "
                          f"({', '.join(piece.disk for piece in pieces[:2])}, ...) do not make up its {experts} experts "
                          f"of {out_f} rows; the checkpoint does not match its config.json.")
