@@ -25,8 +25,8 @@ def test_a_dropout_asked_for_on_expert_weights_is_refused_in_one_line_before_tra
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
     lines = [line for line in run.stderr.splitlines() if line.strip() and "Warning" not in line]
-    assert any(line.startswith("fnsft train: error: --lora_dropout 0.1: LoRA reaches this model's stacked expert weights")
-               and "--lora_dropout 0" in line for line in lines), run.stderr[-2000:]
+    refusal = "fnsft train: error: --lora_dropout 0.1: LoRA reaches this model's stacked expert weights"
+    assert any(line.startswith(refusal) and "--lora_dropout 0" in line for line in lines), run.stderr[-2000:]
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "out" / "final_model").exists()
 

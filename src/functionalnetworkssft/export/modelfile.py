@@ -37,7 +37,8 @@ MISTRAL = ('[INST] {{ range $index, $_ := .Messages }}\n{{- if eq .Role "system"
 # Gemma: the system message opens the first user turn, followed by a blank line.
 GEMMA = ('{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{ $system = .Content }}{{- continue }}'
          '{{- end }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}\n'
-         '{{ if and $system (eq .Role "user") }}{{ $system }}\n\n{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>\n'
+         '{{ if and $system (eq .Role "user") }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
+         '{{ .Content }}<end_of_turn>\n'
          '{{ end }}<start_of_turn>model\n',
          ["<start_of_turn>", "<end_of_turn>"])
 PHI3 = ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n',
