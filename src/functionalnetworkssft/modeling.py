@@ -351,36 +351,34 @@ def lora_problems(model, targets: list[str], rank: int) -> list[str]:
 def _mapped_to_parameters(model, targets: list[str]) -> tuple[set[str], str | None]:
     """The target names PEFT maps onto a mixture of experts' stacked parameters, and PEFT's reason when it
     refuses the combination (e.g. gate_proj without up_proj, which are stacked together)."""
-    import copy
+    from peft import LoraConfig
 
-    try:
-        from peft import LoraConfig
-        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    except ImportError:
-        return set(), None
-    config = LoraConfig(target_modules=list(targets))
-    converted = copy.deepcopy(config)
-    try:
-        convert_peft_config_for_transformers(converted, model=model, conversions=None)
-    except ValueError as exc:
-        return set(), str(exc).splitlines()[0]
-    if not converted.target_parameters:
-        return set(), None
+    converted, why = _as_peft_converts(model, LoraConfig(target_modules=list(targets)))
+    if why or not converted.target_parameters:
+        return set(), why
     return set(targets) - set(converted.target_modules or []), None
 
 
 def lora_parameter_targets(model, config) -> list[str]:
     """The parameters (not modules) PEFT will put LoRA on for this config: on transformers 5, a mixture of experts'
     stacked expert weights and router, which PEFT reaches from all-linear or from the per-expert layer names."""
+    # A refusal is left to PEFT itself when the adapter is created, where its message reaches the user.
+    converted, _ = _as_peft_converts(model, config)
+    return sorted(converted.target_parameters or [])
+
+
+def _as_peft_converts(model, config):
+    """A copy of a LoraConfig as PEFT rewrites it for this model's transformers 5 layout, and PEFT's reason when it
+    refuses to (the copy then unconverted)."""
     import copy
 
+    converted = copy.deepcopy(config)
     try:
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:  # a PEFT without it targets modules only
-        return sorted(getattr(config, "target_parameters", None) or [])
-    config = copy.deepcopy(config)
+        return converted, None
     try:
-        convert_peft_config_for_transformers(config, model=model, conversions=None)
-    except ValueError:
-        pass  # PEFT raises the same when the adapter is created, where its message reaches the user
-    return sorted(config.target_parameters or [])
+        convert_peft_config_for_transformers(converted, model=model, conversions=None)
+    except ValueError as exc:
+        return copy.deepcopy(config), str(exc).splitlines()[0]
+    return converted, None

@@ -31,12 +31,12 @@ from functionalnetworkssft.verification import probe_inputs, quiet, run_probe
 
 # |logit difference| allowed, relative to the largest source logit (at least 1), and the share of positions whose
 # top-1 token must agree. f32 is the same numbers; the others carry one rounding or quantization of every weight.
-TOLERANCE = {"f32": (1e-4, 1.0), "f16": (1e-2, 0.97), "bf16": (5e-2, 0.9), "q8_0": (0.1, 0.9), "q4_0": (0.75, 0.4)}
+TOLERANCE = {"f32": (1e-4, 1.0), "f16": (1e-2, 0.97), "bf16": (5e-2, 0.9), "q8_0": (0.1, 0.9), "q4_0": (0.75, 0.4),
+             "q4_k_m": (0.75, 0.4), "q5_k_m": (0.4, 0.6), "q6_k": (0.2, 0.8)}
 # The k-quants are made by llama.cpp's quantizer, whose rounding the gguf package cannot reproduce: each weight is
 # held to a bound on its relative RMS error instead (measured: Q4_K 0.05-0.09 on tiny random models and SmolLM2,
 # whose Q6_K fallbacks are smaller), and the logits to a tolerance like q4_0's, q8_0's between them.
 K_QUANT_WEIGHT_ERROR = {"q4_k_m": 0.15, "q5_k_m": 0.08, "q6_k": 0.04}
-TOLERANCE.update({"q4_k_m": (0.75, 0.4), "q5_k_m": (0.4, 0.6), "q6_k": (0.2, 0.8)})
 # Architectures transformers' GGUF reader reads as llama.cpp does. It rebuilds Qwen3 without its head_dim, Gemma
 # without query_pre_attn_scalar and Mixtral as a dense Llama, and does not read GPT-NeoX, OLMo-2, Granite or SmolLM3.
 TRANSFORMERS_READS = ("llama", "mistral", "qwen2", "gpt2", "phi3", "falcon")
@@ -60,8 +60,11 @@ def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, An
     probes = probe_inputs(source_dir, vocab)
     device = torch.device("cpu")
     source_runs = [run_probe(model, p, device) for p in probes]
+    from functionalnetworkssft.export.write import read_config
+
+    config = read_config(source_dir)
     reader = gguf.GGUFReader(gguf_path)
-    weights = _load_file_into(model, source_dir, reader, outtype)
+    weights = _load_file_into(model, source_dir, config, reader, outtype)
     exported_runs = [run_probe(model, p, device) for p in probes]
     del model
     gc.collect()
@@ -72,9 +75,9 @@ def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, An
     max_diff = max(float((e - s).abs().max()) for (e, _), (s, _) in zip(exported_runs, source_runs))
     agree = sum(int((e.argmax(-1) == s.argmax(-1)).sum()) for (e, _), (s, _) in zip(exported_runs, source_runs))
     total = sum(len(s) for s, _ in source_runs)
-    tokenizer = _tokenizer_check(source_dir, gguf_path)
+    tokenizer = _tokenizer_check(source_dir, gguf_path, reader)
     texts, source_tokenizer = tokenizer.pop("_texts"), tokenizer.pop("_source_tokenizer")
-    metadata = _metadata_mismatches(source_dir, reader)
+    metadata = _metadata_mismatches(config, reader)
     tolerance = relative * scale
     result: dict[str, Any] = {
         "outtype": outtype,
@@ -106,17 +109,16 @@ def verify_gguf(source_dir: Path, gguf_path: Path, outtype: str) -> dict[str, An
 
 
 @torch.no_grad()
-def _load_file_into(model, source_dir: Path, reader, outtype: str) -> dict[str, Any]:
+def _load_file_into(model, source_dir: Path, config: dict[str, Any], reader, outtype: str) -> dict[str, Any]:
     """Put every weight the file holds into `model` (in place), and compare each with what the writer meant to
     store: the source tensor, laid out, rounded or quantized as `outtype`, and read back."""
     import gguf
 
     from functionalnetworkssft.export import architectures as archs
-    from functionalnetworkssft.export.write import read_config, read_sources, tensor_type
+    from functionalnetworkssft.export.write import read_sources, tensor_type
     from functionalnetworkssft.merge.io import BaseWeights
     from functionalnetworkssft.merge.layout import checkpoint_layout
 
-    config = read_config(source_dir)
     checkpoint = BaseWeights(source_dir)
     try:
         names = list(checkpoint.names())
@@ -138,6 +140,9 @@ def _load_file_into(model, source_dir: Path, reader, outtype: str) -> dict[str, 
             data = np.asarray(found.data)
             if found.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 data = gguf.quants.dequantize(data, found.tensor_type)
+            if data.size != int(np.prod(tensor.shape)):  # a file whose tensor is not the model's: no reshape
+                worst = relative = float("inf")
+                continue
             data = data.astype(np.float32).reshape(tensor.shape)
             expected = np.ascontiguousarray(tensor.layout.forward(read_sources(tensor, checkpoint)), np.float32)
             if outtype in K_QUANT_WEIGHT_ERROR:
@@ -229,14 +234,14 @@ def _owners(parameters: dict[str, torch.Tensor], layout, prefix: str) -> dict[st
     return owners
 
 
-def _tokenizer_check(source_dir: Path, gguf_path: Path) -> dict[str, Any]:
+def _tokenizer_check(source_dir: Path, gguf_path: Path, reader) -> dict[str, Any]:
     """The file's tokenizer as transformers rebuilds it from the metadata alone, against the source's."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     source = AutoTokenizer.from_pretrained(source_dir)
     with quiet():
         rebuilt = PreTrainedTokenizerFast(gguf_file=gguf_path.name, name_or_path=str(gguf_path.parent))
-    _apply_llama_cpp_pre_tokenizer(rebuilt, gguf_path)
+    _apply_llama_cpp_pre_tokenizer(rebuilt, reader)
     texts = list(TOKENIZER_PROBES) + [t for t in source.all_special_tokens if t][:4]
     mismatched = [text for text in texts if source(text, add_special_tokens=True)["input_ids"]
                   != rebuilt(text, add_special_tokens=True)["input_ids"]]
@@ -245,14 +250,12 @@ def _tokenizer_check(source_dir: Path, gguf_path: Path) -> dict[str, Any]:
             "_texts": texts, "_source_tokenizer": source}
 
 
-def _metadata_mismatches(source_dir: Path, reader) -> list[str]:
+def _metadata_mismatches(config: dict[str, Any], reader) -> list[str]:
     """Hyperparameter keys whose value in the file is not what the exporter writes for this config."""
     import gguf
 
     from functionalnetworkssft.export import architectures as archs
-    from functionalnetworkssft.export.write import read_config
 
-    config = read_config(source_dir)
     arch = archs.architecture(config)
     intended = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
     archs.add_metadata(intended, arch, config)
@@ -322,13 +325,12 @@ def _llama_cpp(gguf_path: Path, probes, expected_runs, tolerance: float, texts, 
             "top1_agreement": agree / total, "greedy_equal": greedy_equal, "tokenizer_mismatches": mismatched}
 
 
-def _apply_llama_cpp_pre_tokenizer(tokenizer, gguf_path: Path) -> None:
+def _apply_llama_cpp_pre_tokenizer(tokenizer, reader) -> None:
     """transformers rebuilds a "smollm" file's tokenizer with plain ByteLevel splitting, while llama.cpp splits
     digits first for that name; the check uses llama.cpp's rule, which is what the file means."""
-    import gguf
     from tokenizers import pre_tokenizers
 
-    field = gguf.GGUFReader(gguf_path).get_field("tokenizer.ggml.pre")
+    field = reader.get_field("tokenizer.ggml.pre")
     if field is not None and field.contents() == "smollm":
         tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])

@@ -105,9 +105,11 @@ def _sentencepiece(writer, model_dir: Path, vocab_size: int) -> dict[str, Any]:
     processor = SentencePieceProcessor()
     proto = sentencepiece_model_pb2.ModelProto()
     try:
-        processor.LoadFromFile(str(path))
-        proto.ParseFromString(path.read_bytes())
-    except (OSError, RuntimeError) as exc:
+        # Read once: the pieces and the normalizer spec come from the same bytes.
+        serialized = path.read_bytes()
+        proto.ParseFromString(serialized)
+        processor.LoadFromSerializedProto(serialized)
+    except Exception as exc:  # OSError, sentencepiece's RuntimeError, protobuf's DecodeError: not such a model
         raise UnsupportedModel(f"GGUF export: {path} is not a SentencePiece model ({exc}).") from None
     size = max(vocab_size, processor.vocab_size())
     tokens = [f"[PAD{i}]" for i in range(size)]
