@@ -108,25 +108,34 @@ def test_masked_target_kl_ignores_the_target_token_and_renormalises_the_rest():
     assert float(divergence.masked_target_kl(pushed, base, targets)) == pytest.approx(float(got), rel=1e-5)
 
 
+def assert_same_value_and_gradient(model, term, direct):
+    """`term()` and `direct()` (the definition, computed the plain way) give the same value and the same gradient
+    of every trained parameter."""
+    values, gradients = [], []
+    for compute in (term, direct):
+        model.zero_grad()
+        value = compute()
+        value.backward()
+        values.append(float(value.detach()))
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    model.zero_grad()
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    for name in gradients[1]:
+        torch.testing.assert_close(gradients[0][name], gradients[1][name], rtol=1e-4, atol=1e-7)
+
+
 def test_the_kl_guard_term_and_its_gradient_equal_a_direct_computation(tiny_peft):
     stream = windows(6, seed=3)
     guard = ForgettingGuard("kl", 10.0, stream, reference.AdapterOff(), per_step=2)
-    tiny_peft.zero_grad()
-    term = guard.stream_term(tiny_peft, micro_step=1)  # windows 2 and 3 of the stream
-    term.backward()
-    got = {n: p.grad.clone() for n, p in tiny_peft.named_parameters() if p.requires_grad}
-    tiny_peft.zero_grad()
-    ids = torch.tensor(stream[2:4])
-    with torch.no_grad(), tiny_peft.disable_adapter():
-        base = tiny_peft(input_ids=ids).logits[:, :-1].log_softmax(-1)
-    tuned = tiny_peft(input_ids=ids).logits[:, :-1].log_softmax(-1)
-    direct = (base.exp() * (base - tuned)).sum(-1).mean()
-    direct.backward()
-    assert float(term.detach()) == pytest.approx(float(direct.detach()), rel=1e-5)
-    for name, param in tiny_peft.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-7)
-    tiny_peft.zero_grad()
+    ids = torch.tensor(stream[2:4])  # micro-batch 1 reads windows 2 and 3 of the stream
+
+    def direct():
+        with torch.no_grad(), tiny_peft.disable_adapter():
+            base = tiny_peft(input_ids=ids).logits[:, :-1].log_softmax(-1)
+        tuned = tiny_peft(input_ids=ids).logits[:, :-1].log_softmax(-1)
+        return (base.exp() * (base - tuned)).sum(-1).mean()
+
+    assert_same_value_and_gradient(tiny_peft, lambda: guard.stream_term(tiny_peft, micro_step=1), direct)
 
 
 def test_the_guard_stream_cycles_and_gives_each_process_its_own_windows():
@@ -370,7 +379,7 @@ def test_too_little_general_text_and_the_training_data_itself_are_refused(tiny_l
     code = train("--model_name_or_path", tiny_llama, "--dataset_name_or_path", data, "--output_dir",
                  tmp_path / "out", "--use_peft", "--forgetting_dataset", data)
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and "is the training data" in last, last
+    assert code == 2 and "is the training or evaluation data" in last, last
 
 
 def test_a_model_too_short_to_write_the_probe_text_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -391,3 +400,149 @@ def test_a_fifo_given_as_general_text_is_refused_not_read_forever(tiny_llama, tm
                  tmp_path / "out", "--use_peft", "--max_steps", "1", "--forgetting_dataset", fifo)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "not a regular file" in last, last
+
+
+def general_text(path, paragraphs: int = 40):
+    import random
+
+    rng = random.Random(1)
+    path.write_text("\n".join(" ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))
+                                        for _ in range(30)) for _ in range(paragraphs)))
+    return path
+
+
+def test_the_same_file_spelled_another_way_is_still_refused_as_general_text(tiny_llama, tmp_path, capsys,
+                                                                            monkeypatch):
+    data = toy(tmp_path, 8)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.jsonl").symlink_to(data)
+    for spelling in ("./toy.jsonl", str(data), "link.jsonl"):
+        code = train("--model_name_or_path", tiny_llama, "--dataset_name_or_path", "toy.jsonl", "--output_dir",
+                     tmp_path / "out", "--use_peft", "--forgetting_dataset", spelling)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and "is the training or evaluation data" in last, (spelling, last)
+
+
+def test_a_weight_too_large_for_any_use_is_refused_before_anything_loads(tmp_path, capsys):
+    code = train("--model_name_or_path", tmp_path / "no-model", "--dataset_name_or_path", tmp_path / "d.jsonl",
+                 "--output_dir", tmp_path / "out", "--forgetting_guard", "kl", "--forgetting_weight", "1e300")
+    err = capsys.readouterr().err
+    assert code == 2 and "--forgetting_weight" in err and "10000" in err and "Traceback" not in err, err
+
+
+def test_a_model_shorter_than_the_guards_windows_is_refused_in_one_line(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    short = tmp_path / "short-model"
+    shutil.copytree(tiny_llama, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 80}))
+    code = train("--model_name_or_path", short, "--dataset_name_or_path", toy(tmp_path, 8), "--output_dir",
+                 tmp_path / "out", "--use_peft", "--max_steps", "1", "--max_seq_length", "64",
+                 "--forgetting_dataset", general_text(tmp_path / "general.txt"), "--forgetting_guard", "kl")
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err
+    assert "reads at most 80 tokens" in last and "96-token windows" in last and "--forgetting_guard" in last, last
+
+
+def test_general_text_under_any_name_is_read_and_a_bad_dataset_names_the_flag(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    named = general_text(tmp_path / "corpus.text")
+    assert train("--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 8), "--output_dir", out,
+                 "--use_peft", "--max_steps", "1", "--validation_split", "0", "--forgetting_dataset", named) == 0
+    record = json.loads((out / "final_model" / "fnsft_training.json").read_text())
+    assert record["forgetting"]["text"] == "corpus.text"
+    binary = tmp_path / "noise.bin"
+    binary.write_bytes(bytes(range(256)) * 40)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    for given, code_wanted, said in ((binary, 2, "a binary file"), (empty, 1, "the dataset is empty")):
+        code = train("--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 8), "--output_dir",
+                     tmp_path / "refused", "--use_peft", "--max_steps", "1", "--forgetting_dataset", given)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == code_wanted and last.startswith("fnsft train: error: --forgetting_dataset"), last
+        assert said in last, last
+
+
+def test_the_base_behind_the_guard_runs_without_dropout_and_leaves_the_training_mode_as_it_was():
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = build_tokenizer(chat=False)
+    model = build_model("gpt2", len(tokenizer), tokenizer)  # dropout 0.1 everywhere
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.1)).train()
+    ids = torch.tensor(windows(2, seed=7, vocab=len(tokenizer)))
+    base = reference.AdapterOff()
+    first, second = base.logits(model, input_ids=ids), base.logits(model, input_ids=ids)
+    assert torch.equal(first, second)
+    with torch.no_grad(), model.disable_adapter():
+        model.eval()
+        expected = model(input_ids=ids).logits
+    model.train()
+    torch.testing.assert_close(first, expected)
+    model.base_model.model.transformer.h[0].attn.eval()  # a module the caller keeps in evaluation mode
+    base.logits(model, input_ids=ids)
+    assert model.training and model.base_model.model.transformer.h[1].training
+    assert not model.base_model.model.transformer.h[0].attn.training
+
+
+def test_with_mask_forward_the_probe_measures_the_model_as_it_is_saved(tiny_llama, tmp_path):
+    """The forward mask is training's alone: a run that barely moves the weights has forgotten nothing, although
+    the masked forward differs from the base."""
+    out = tmp_path / "out"
+    assert train("--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 24), "--output_dir",
+                 out, "--use_peft", "--max_steps", "1", "--validation_split", "0", "--learning_rate", "1e-12",
+                 "--mask_mode", "lesion", "--ica_components", "4", "--mask_forward") == 0
+    measured = [h for h in history(out) if "eval_forgetting_kl" in h]
+    assert [h["step"] for h in measured] == [0, 1]
+    assert measured[-1]["eval_forgetting_kl"] < 1e-6 and measured[-1]["eval_base_agreement"] == 1.0, measured
+
+
+def test_a_resumed_run_keeps_the_measurements_made_before_its_checkpoint(tiny_llama, tmp_path):
+    common = ["--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 16), "--use_peft",
+              "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "4",
+              "--validation_split", "0", "--output_dir", tmp_path / "out"]
+    assert train(*common, "--max_steps", "2") == 0
+    assert train(*common, "--resume_from_checkpoint", "latest") == 0
+    logged = [h["step"] for h in history(tmp_path / "out") if "eval_forgetting_kl" in h]
+    record = json.loads((tmp_path / "out" / "final_model" / "fnsft_training.json").read_text())
+    recorded = [m["step"] for m in record["forgetting"]["measurements"]]
+    assert recorded[0] == 0 and recorded[-1] == 4 and recorded == sorted(set(logged)), (recorded, logged)
+
+
+@pytest.mark.parametrize("gradient_accumulation", [1, 2])
+def test_the_masked_kl_guards_own_task_loss_is_the_trainers(tiny_llama, tmp_path, gradient_accumulation):
+    """masked_kl computes the task's loss itself (TRL's fused head gives no logits): at a weight too small to
+    matter, the run is the plain run."""
+    common = ["--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 16), "--use_peft",
+              "--lora_dropout", "0", "--max_steps", "3", "--per_device_train_batch_size", "2",
+              "--gradient_accumulation_steps", gradient_accumulation, "--validation_split", "0",
+              "--learning_rate", "1e-2", "--save_strategy", "no", "--logging_steps", "1", "--forgetting_probe", "off"]
+    assert train(*common, "--output_dir", tmp_path / "plain") == 0
+    assert train(*common, "--output_dir", tmp_path / "masked", "--forgetting_guard", "masked_kl",
+                 "--forgetting_weight", "1e-20") == 0
+    losses = [[h["loss"] for h in history(tmp_path / name) if "loss" in h] for name in ("plain", "masked")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    plain, masked = adapter(tmp_path / "plain"), adapter(tmp_path / "masked")
+    for key in plain:
+        torch.testing.assert_close(masked[key], plain[key], atol=1e-6, rtol=1e-4)
+
+
+def test_the_replay_term_and_its_gradient_equal_a_direct_computation(tiny_peft):
+    stream = windows(4, seed=9)
+    guard = ForgettingGuard("replay", 1.0, stream, None, per_step=2)
+    ids = torch.tensor(stream[2:4])
+    assert_same_value_and_gradient(
+        tiny_peft, lambda: guard.stream_term(tiny_peft, micro_step=1),
+        lambda: F.cross_entropy(tiny_peft(input_ids=ids).logits[:, :-1].transpose(1, 2), ids[:, 1:]))
+
+
+def test_the_generated_texts_cache_tells_chat_templates_apart(tiny_llama, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("FNSFT_CACHE", str(tmp_path / "cache"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    text.generated(model, tokenizer, 1, 0, "fingerprint", 8)
+    tokenizer.chat_template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    text.generated(model, tokenizer, 1, 0, "fingerprint", 8)
+    assert len(list((tmp_path / "cache" / "general_text").glob("*.json"))) == 2

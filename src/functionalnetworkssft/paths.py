@@ -35,6 +35,19 @@ def missing_local(name: str, what: str = "file or folder") -> str | None:
     return None
 
 
+def same_data(name: str, others: list[str]) -> bool:
+    """Whether `name` names the same dataset as one of `others`: the same local file or folder however it is spelled
+    (relative, absolute, through a link), or the same Hub id."""
+    def key(value: str) -> str:
+        value = value.strip()
+        path = Path(value).expanduser()
+        try:
+            return str(path.resolve()) if path.exists() else value
+        except (OSError, RuntimeError):
+            return value
+    return bool(name.strip()) and key(name) in {key(other) for other in others if other.strip()}
+
+
 def within(path: str | Path, folder: str | Path) -> bool:
     """Whether `path` is `folder` or lies inside it, after resolving links (so no alias escapes the check)."""
     try:

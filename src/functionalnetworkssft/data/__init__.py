@@ -12,7 +12,7 @@ template, so training sees exactly the prompt layout that `fnsft generate` and c
 
 from functionalnetworkssft.data.formats import SUPPORTED_FORMATS, chat_messages, detect_format, to_messages
 from functionalnetworkssft.data.report import arrow_column, token_counts, trained_per_example
-from functionalnetworkssft.data.sources import RawData, Source, from_memory, load, load_sources
+from functionalnetworkssft.data.sources import RawData, Source, from_memory, is_data_file, load, load_sources
 from functionalnetworkssft.data.tokenization import (
     has_chat_template,
     render_prompt_ids,
@@ -22,5 +22,5 @@ from functionalnetworkssft.data.tokenization import (
 )
 
 __all__ = ["RawData", "SUPPORTED_FORMATS", "Source", "arrow_column", "chat_messages", "detect_format", "from_memory",
-           "has_chat_template", "load", "load_sources", "render_prompt_ids", "to_messages", "token_counts",
+           "has_chat_template", "is_data_file", "load", "load_sources", "render_prompt_ids", "to_messages", "token_counts",
            "tokenize", "tokenize_batch", "tokenize_example", "trained_per_example"]

@@ -32,6 +32,11 @@ class RawData:
     sources: list[tuple[str, str, int]] = field(default_factory=list)
 
 
+def is_data_file(path: str | Path) -> bool:
+    """Whether `path`'s name says it is a data file this tool reads (rather than plain text)."""
+    return Path(path).suffix.lower() in FILE_LOADERS
+
+
 @dataclass
 class Source:
     """One dataset of a run: a file, folder or Hub id, its configuration, the split to train on, and how much of it

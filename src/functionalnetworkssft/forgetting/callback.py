@@ -23,6 +23,8 @@ class ProbeAtEnds(TrainerCallback):
         trainer.log({f"eval_{key}": value for key, value in measured.items()})
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:  # resumed: the checkpoint's log holds what was measured before it
+            self.probe.restore(state.log_history)
         self._log(state)
 
     def on_train_end(self, args, state, control, **kwargs):

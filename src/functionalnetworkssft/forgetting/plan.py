@@ -28,15 +28,26 @@ class ForgettingPlan:
         `tokens_per_example` the training set's mean, which sets how much general text the guard reads per step."""
         from functionalnetworkssft import distributed
 
+        from functionalnetworkssft.generate import context_length
+
         probing = cfg.forgetting_probe == "on"
         kind = cfg.forgetting_guard
-        if not probing and kind == "none":
-            return None
         weight = cfg.forgetting_weight if cfg.forgetting_weight is not None else DEFAULT_WEIGHTS.get(kind, 0.0)
-        _onto_training_device(model, cfg)
         guarding = kind != "none" and weight > 0  # lambda = 0 is the plain run, to the bit
         streaming = guarding and kind in ("kl", "replay")
-        if cfg.forgetting_dataset:
+        if cfg.forgetting_dataset and not (probing or streaming) and distributed.is_main():
+            print(f"--forgetting_dataset {cfg.forgetting_dataset} is not read: only the probe and the kl and replay "
+                  "guards read general text, and this run uses none of them.")
+        if not probing and not guarding:
+            return None
+        needed = max([text.PROBE_TOKENS] * probing + [text.WINDOW_TOKENS] * streaming, default=0)
+        limit = context_length(model)
+        if limit is not None and needed > limit:
+            raise UsageError(f"the model reads at most {limit} tokens, fewer than the {needed}-token windows of "
+                             f"general text the forgetting {'guard' if streaming else 'probe'} reads; use "
+                             "--forgetting_probe off and --forgetting_guard none or masked_kl.")
+        _onto_training_device(model, cfg)
+        if cfg.forgetting_dataset and (probing or streaming):
             general = text.split(text.from_file(cfg.forgetting_dataset, tokenizer, cfg.max_seq_length),
                                  Path(cfg.forgetting_dataset).name)
         else:
@@ -84,6 +95,14 @@ class ForgettingPlan:
                 details["guard"].update(stream_windows=len(general.stream), windows_per_micro_batch=guard.per_step,
                                         dropped_for_sharing_ngrams_with_probe=general.dropped, ngram=text.NGRAM)
         return cls(probe, guard, general.origin, details)
+
+    def pause_while_measuring(self, pause) -> None:
+        """Run the probe's and the base's forwards inside `pause()`, which switches training-only hooks off
+        (--mask_forward's): the probe measures the model as it is saved, and the base is the base."""
+        if self.probe is not None:
+            self.probe.pause = pause
+        if self.guard is not None and isinstance(self.guard.base, reference.AdapterOff):
+            self.guard.base.pause = pause
 
     def record(self) -> dict[str, Any]:
         """For fnsft_training.json and the model card."""

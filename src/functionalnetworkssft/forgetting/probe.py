@@ -3,6 +3,8 @@ measured at the start, at every evaluation and at the end of a run."""
 
 from __future__ import annotations
 
+import contextlib
+
 from functionalnetworkssft.forgetting.divergence import token_kl
 from functionalnetworkssft.forgetting.reference import TopK
 
@@ -25,6 +27,20 @@ class ForgettingProbe:
         # evaluation right after training's end) is the first one again; not so when the best checkpoint is loaded
         # back at the end.
         self.reuse_same_step = True
+        # Measures the model as it is saved: training-only hooks (--mask_forward's) are paused inside this context.
+        self.pause = contextlib.nullcontext
+
+    def restore(self, log_history: list[dict]) -> None:
+        """The measurements a resumed run made before its checkpoint, from the Trainer's log (kept in the
+        checkpoint), so that the record holds the whole run."""
+        keys = (KL_KEY, AGREEMENT_KEY, NLL_KEY)
+        restored: dict[int, dict[str, float]] = {}
+        for entry in log_history:
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and all(
+                    isinstance(entry.get(f"eval_{k}"), (int, float)) for k in keys):
+                restored[entry["step"]] = {"step": entry["step"], **{k: float(entry[f"eval_{k}"]) for k in keys}}
+        self.history = [restored[step] for step in sorted(restored)] + [
+            h for h in self.history if h.get("step") not in restored]
 
     @property
     def tokens(self) -> int:
@@ -48,7 +64,7 @@ class ForgettingProbe:
         device = next(model.parameters()).device
         kl_sum = agree = nll_sum = base_nll_sum = 0.0
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.pause():
                 for start in range(0, len(self.windows), self.batch_size):
                     rows = slice(start, start + self.batch_size)
                     ids = self.windows[rows].to(device)

@@ -8,23 +8,41 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
-# On the quickstart's trained adapter the lumped tail made the KL 9.5% low at k = 256, 3.8% at 1024 and 1.0% at 4096
-# (benchmarks/forgetting_cost.py): 4096 it is, 33 MB for the probe's 1,008 positions.
+# On an adapter the quickstart trained (with the replay guard; exact KL 0.082) the lumped tail made the KL 10.7% low
+# at k = 256, 4.3% at 1024 and 1.1% at 4096 (benchmarks/forgetting_cost.json): 4096 it is, 33 MB for the probe's
+# 1,008 positions.
 TOP_K = 4096
 
 
 class AdapterOff:
-    """The base is the PEFT model with its adapter disabled."""
+    """The base is the PEFT model with its adapter disabled, in evaluation mode (dropout would make the target
+    random), and with training-only hooks paused (`pause`, set by the run: --mask_forward's)."""
 
     describe = "the base: the same model with the adapter switched off"
+
+    def __init__(self):
+        self.pause = contextlib.nullcontext
 
     def logits(self, model, **batch):
         import torch
 
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), self.pause(), model.disable_adapter(), evaluating(model):
             return model(**batch).logits
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """`model` in evaluation mode, each module's own mode restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class FrozenCopy:
@@ -67,6 +85,10 @@ def copy_problem(model, flag: str) -> str | None:
         free = psutil.virtual_memory().available
         where = "this machine"
     needed = size + 3 * trained
+    if device.type != "cuda":  # every process of a data-parallel run on this machine makes its own copy
+        import os
+
+        needed *= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     if needed <= free:
         return None
     return (f"{flag} with full fine-tuning keeps a frozen copy of the base ({_size(size)}) beside the training's "

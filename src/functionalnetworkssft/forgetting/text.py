@@ -5,6 +5,7 @@ the guard's stream never share an n-gram: a guard that trained on the text that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ PROBE_TOKENS = 64
 PROBE_WINDOWS = 16
 GUARD_WINDOWS = 64
 MAX_TEXT_CHARS = 4_000_000
+MAX_ROWS = 20_000  # of a dataset given as --forgetting_dataset: about as many tokens as MAX_TEXT_CHARS
 # Windows that share an n-gram of this many tokens with a probe window are dropped from the guard's stream: 13, the
 # contamination test of the GPT-3 paper, long enough that common phrases do not count as shared text.
 NGRAM = 13
@@ -79,20 +81,28 @@ def split(windows: list[list[int]], origin: str, probe_count: int = PROBE_WINDOW
 
 
 def from_file(path: str, tokenizer, max_length: int) -> list[list[int]]:
-    """Windows of a --forgetting_dataset: a .txt file as it is, or any training format, rendered as training renders
-    it (chat template included) and joined."""
-    if Path(path).suffix.lower() in (".txt", ".md"):
-        if not Path(path).is_file():  # a folder, or a FIFO or device that a read would wait on or never finish
-            raise UsageError(f"--forgetting_dataset {path}: not a regular file; give a text file or a dataset.")
-        # The probe needs about 1,000 tokens and the guard cycles through what it has: the first MAX_TEXT_CHARS
-        # characters are plenty, and a file of gigabytes is never read whole.
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            text = handle.read(MAX_TEXT_CHARS)
-        return cut(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Windows of a --forgetting_dataset: a plain text file (any name but a data file's) as it is, or data in any
+    training format, rendered as training renders it (chat template included) and joined. Either way only the start
+    is read: the probe needs about 1,000 tokens and the guard cycles through what it has."""
     from functionalnetworkssft import data
+    from functionalnetworkssft.errors import FnsftError
 
-    raw = data.load_sources([data.Source(path, None, None)], None, 0.0, 0, "text")
-    tokenized, _ = data.tokenize(raw, tokenizer, max_length, True, None)
+    local = Path(path).expanduser()
+    if local.exists() and not local.is_dir() and not data.is_data_file(local):
+        if not local.is_file():  # a FIFO or device that a read would wait on or never finish
+            raise UsageError(f"--forgetting_dataset {path}: not a regular file; give a text file or a dataset.")
+        with open(local, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(MAX_TEXT_CHARS)
+        if "\x00" in text:
+            raise UsageError(f"--forgetting_dataset {path}: a binary file, not text; give a text file or a dataset.")
+        return cut(tokenizer(text, add_special_tokens=False)["input_ids"])
+    try:
+        raw = data.load_sources([data.Source(path, None, None)], None, 0.0, 0, "text")
+        rows = raw.train.select(range(min(len(raw.train), MAX_ROWS)))
+        tokenized, _ = data.tokenize(dataclasses.replace(raw, train=rows, validation=None), tokenizer, max_length,
+                                     True, None)
+    except FnsftError as exc:  # said as the training data's problem, it would send the user to the wrong file
+        raise type(exc)(f"--forgetting_dataset: {exc}") from None
     joined: list[int] = []
     for ids in tokenized["input_ids"]:
         joined.extend(ids)
@@ -104,7 +114,10 @@ def generated(model, tokenizer, count: int, seed: int, fingerprint: str,
     """`count` windows of `length` tokens the base writes from the neutral prompts, sampled at temperature 1 (its
     own distribution, so the KL measured on them estimates how far the tuned model's writing drifts from the
     base's). Cached under the model's fingerprint: a rerun on the same base reads them back."""
-    key = hashlib.sha256(json.dumps([fingerprint, count, seed, length, PROMPTS]).encode()).hexdigest()[:20]
+    # The prompts are rendered with the chat template, which --chat_template_path can change on the same model.
+    template = getattr(tokenizer, "chat_template", None)
+    key = hashlib.sha256(json.dumps([fingerprint, count, seed, length, PROMPTS, template], default=str).encode()
+                         ).hexdigest()[:20]
     cached = cache_dir() / "general_text" / f"{key}.json"
     try:
         if not cached.is_file():  # missing, or something planted that a read would wait on

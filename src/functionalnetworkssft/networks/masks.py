@@ -21,6 +21,7 @@ paper's intervention): lesion zeroes the network's channels, preserve zeroes all
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -109,12 +110,23 @@ class ForwardMask:
     """Multiplies the masked layers' MLP outputs by their keep mask (training only: removed before inference)."""
 
     def __init__(self, model, masks: dict[int, torch.Tensor]):
-        self.handles = []
+        self.handles, self.active = [], True
         for block in decoder_blocks(model):
             if block.index in masks:
                 gate = masks[block.index]
                 self.handles.append(block.mlp.register_forward_hook(
-                    lambda module, args, output, gate=gate: output * gate.to(device=output.device, dtype=output.dtype)))
+                    lambda module, args, output, gate=gate:
+                    output * gate.to(device=output.device, dtype=output.dtype) if self.active else output))
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The model as it is saved, for forwards that must not see the mask (the forgetting probe, the base). Only
+        for forwards without a backward: gradient checkpointing would recompute them with the mask back on."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -15,13 +15,15 @@ from typing import Any, ClassVar, Literal
 
 from functionalnetworkssft.networks.options import ica_components_arg, ica_percentile_arg, ica_threshold_arg, ica_z_arg
 from functionalnetworkssft.options import Options, arg, field_problems, type_problems, yaml_kind
-from functionalnetworkssft.paths import missing_local
+from functionalnetworkssft.paths import missing_local, same_data
 
 # Optimizer names transformers' OptimizerNames holds (a test checks it still does), known without importing it.
 COMMON_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
                                "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
 
 SECRET_FIELDS = ("hub_token",)
+# Far above any useful weight (the default kl weight is 10), and far below where float32 overflows.
+MAX_GUARD_WEIGHT = 10_000.0
 # General-text tokens per task token the kl and replay guards read by default (--forgetting_guard_share).
 DEFAULT_GUARD_SHARE = 0.25
 MASK = "***"
@@ -261,8 +263,9 @@ class TrainConfig(Options):
         "least one 96-token window): more holds the base's behaviour on more contexts, and each 0.25 costs about a "
         "third of a plain step.", default=DEFAULT_GUARD_SHARE, positive=True, maximum=4)
     forgetting_weight: float | None = arg(
-        "The guard's weight lambda in task + lambda * guard (default: 10 for kl and masked_kl, 1 for replay); 0 "
-        "trains exactly as without the guard.", default=None, minimum=0)
+        "The guard's weight lambda in task + lambda * guard (default: 10 for kl, 1 for masked_kl and replay); 0 "
+        "trains exactly as without the guard.", default=None, minimum=0, maximum=MAX_GUARD_WEIGHT,
+        hint="the guard's term then outweighs the task's loss beyond anything it can learn")
 
     # Merge and Hub
     merge_adapter_with_base: bool = arg(
@@ -394,9 +397,11 @@ class TrainConfig(Options):
         if self.forgetting_dataset is not None and (missing := missing_local(self.forgetting_dataset.strip(),
                                                                              "file")):
             found.append(f"--forgetting_dataset {self.forgetting_dataset}: {missing}; give a text file or a dataset.")
-        if self.forgetting_dataset and self.forgetting_dataset.strip() in [s.name.strip() for s in self.sources()]:
-            found.append(f"--forgetting_dataset {self.forgetting_dataset} is the training data: the probe would "
-                         "measure forgetting on what the run learns; give general text the run does not train on.")
+        if self.forgetting_dataset and same_data(self.forgetting_dataset, [s.name for s in self.sources()]
+                                                 + [self.eval_dataset_name_or_path or ""]):
+            found.append(f"--forgetting_dataset {self.forgetting_dataset} is the training or evaluation data: the "
+                         "probe would measure forgetting on what the run learns; give general text the run does not "
+                         "train on.")
         found.extend(self._trainer_problems())
         if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             found.append("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel.")

@@ -28,7 +28,13 @@ from functionalnetworkssft.training.preflight import (
     writes,
 )
 from functionalnetworkssft.training.results import describe_data, sample_reply, save_results, write_run_config
-from functionalnetworkssft.training.trainer import build_trainer, describe_batching, plan_network, settle_lora_dropout
+from functionalnetworkssft.training.trainer import (
+    build_trainer,
+    describe_batching,
+    plan_network,
+    prepare_quantized,
+    settle_lora_dropout,
+)
 
 
 @dataclass
@@ -104,6 +110,8 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
             raise UsageError(problems)
         if cfg.use_peft and (line := settle_lora_dropout(cfg, model)) and main:
             print(line)
+        if cfg.use_peft and quant is not None:
+            model = prepare_quantized(cfg, model)
         quantized_modules = modeling.quantized_module_names(model) if quant is not None else []
         network = plan_network(cfg, model, train_set, templates) if cfg.mask_mode != "none" else None
 
@@ -116,12 +124,13 @@ def run(cfg: TrainConfig, train_dataset=None, eval_dataset=None) -> TrainResult:
         guard = RunGuard(folder, shape_settings(cfg, network.templates if network is not None else None))
         inference_cache = getattr(model.config, "use_cache", None)  # training turns the KV cache off
         try:
-            trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, quant is not None, guard,
-                                    forgetting_plan)
+            trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, guard, forgetting_plan)
         except ValueError as exc:  # TRL, PEFT and transformers check the combination they are given
             raise UsageError(f"the trainer refused this configuration: {first_line(exc)}") from None
         if network is not None:
             network.attach(trainer.model, cfg.use_peft, cfg.mask_forward, guard)
+            if network.forward is not None and forgetting_plan is not None:
+                forgetting_plan.pause_while_measuring(network.forward.paused)
         print(f"Batching: {describe_batching(cfg, model)}.")
 
         # Training starts: from here on the folder holds this run, and its record says what the run wrote.

@@ -118,7 +118,16 @@ def sft_config(cfg: TrainConfig, evaluating: bool, half=None):
     )
 
 
-def build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quantized: bool, guard: RunGuard,
+def prepare_quantized(cfg: TrainConfig, model):
+    """A quantized model made ready for LoRA (its other weights in float32, gradient checkpointing as configured).
+    Done before anything reads the base (samples, networks, the forgetting probe's snapshot), so that they all read
+    the base the adapter trains on."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, guard: RunGuard,
                   forgetting: ForgettingPlan | None = None):
     import torch
     from transformers import set_seed
@@ -128,10 +137,6 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_set, eval_set, quant
     # what ran before (samples, template building).
     set_seed(cfg.seed)
     peft_config = lora_config(cfg) if cfg.use_peft else None
-    if cfg.use_peft and quantized:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     # Mixed precision is a GPU feature; on CPU a half-precision model simply trains in its own dtype.
     half = model.dtype if model.dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available() else None
     args = sft_config(cfg, eval_set is not None, half)
