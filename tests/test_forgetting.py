@@ -267,6 +267,15 @@ def test_probe_off_measures_nothing(tiny_gpt2, tmp_path):
     assert "forgetting" not in json.loads((out / "final_model" / "fnsft_training.json").read_text())
 
 
+def test_masked_kl_refuses_trainer_settings_that_change_the_task_loss(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  label_smoothing_factor: 0.1\n  loss_type: dft\n")
+    code = train("--config", config, "--model_name_or_path", tmp_path / "no-model", "--dataset_name_or_path",
+                 tmp_path / "d.jsonl", "--output_dir", tmp_path / "out", "--forgetting_guard", "masked_kl")
+    err = capsys.readouterr().err
+    assert code == 2 and "trainer: label_smoothing_factor, loss_type changes the task's loss" in err, err
+
+
 def test_forgetting_flags_are_checked_before_anything_loads(tmp_path, capsys):
     code = train("--model_name_or_path", tmp_path / "no-model", "--dataset_name_or_path", tmp_path / "d.jsonl",
                  "--output_dir", tmp_path / "out", "--forgetting_weight", "3", "--forgetting_dataset",
@@ -509,11 +518,17 @@ def test_a_resumed_run_keeps_the_measurements_made_before_its_checkpoint(tiny_ll
     assert recorded[0] == 0 and recorded[-1] == 4 and recorded == sorted(set(logged)), (recorded, logged)
 
 
-@pytest.mark.parametrize("gradient_accumulation", [1, 2])
-def test_the_masked_kl_guards_own_task_loss_is_the_trainers(tiny_llama, tmp_path, gradient_accumulation):
+@pytest.mark.parametrize("family, gradient_accumulation", [("llama", 1), ("llama", 2), ("mixtral", 2)])
+def test_the_masked_kl_guards_own_task_loss_is_the_trainers(tiny_llama, tmp_path, family, gradient_accumulation):
     """masked_kl computes the task's loss itself (TRL's fused head gives no logits): at a weight too small to
-    matter, the run is the plain run."""
-    common = ["--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 16), "--use_peft",
+    matter, the run is the plain run, a mixture of experts' router loss included."""
+    model = tiny_llama
+    if family == "mixtral":
+        from families import FAMILIES, build
+
+        model = build(next(f for f in FAMILIES if f.name == "mixtral"), tmp_path / "mixtral")
+        assert json.loads((model / "config.json").read_text())["router_aux_loss_coef"] > 0
+    common = ["--model_name_or_path", model, "--dataset_name_or_path", toy(tmp_path, 16), "--use_peft",
               "--lora_dropout", "0", "--max_steps", "3", "--per_device_train_batch_size", "2",
               "--gradient_accumulation_steps", gradient_accumulation, "--validation_split", "0",
               "--learning_rate", "1e-2", "--save_strategy", "no", "--logging_steps", "1", "--forgetting_probe", "off"]
@@ -522,6 +537,11 @@ def test_the_masked_kl_guards_own_task_loss_is_the_trainers(tiny_llama, tmp_path
                  "--forgetting_weight", "1e-20") == 0
     losses = [[h["loss"] for h in history(tmp_path / name) if "loss" in h] for name in ("plain", "masked")]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for key in ("entropy", "mean_token_accuracy"):  # TRL's own metrics, which its loss would have logged
+        logged = [[h[key] for h in history(tmp_path / name) if "loss" in h] for name in ("plain", "masked")]
+        assert logged[1] == pytest.approx(logged[0], rel=1e-4), key
+    if family == "mixtral":  # the router's loss is in both
+        assert all("aux_loss" in h for h in history(tmp_path / "plain") if "loss" in h)
     plain, masked = adapter(tmp_path / "plain"), adapter(tmp_path / "masked")
     for key in plain:
         torch.testing.assert_close(masked[key], plain[key], atol=1e-6, rtol=1e-4)

@@ -90,15 +90,22 @@ def guarded_loss(trainer, guard: ForgettingGuard, model, inputs, num_items_in_ba
     if guard.kind == "masked_kl":
         # TRL's fused head never builds the logits this term needs: one forward gives them, and the task's loss is
         # computed from them exactly as TRL computes it.
-        inputs = {**inputs, "use_cache": False}
-        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        # A mixture of experts' router loss too, as TRL adds it.
+        aux = getattr(trainer, "aux_loss_enabled", False)
+        inputs = {**inputs, "use_cache": False, **({"output_router_logits": True} if aux else {})}
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        logits = outputs.logits
         targets = inputs["labels"][:, 1:]
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum")
         count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
         loss = nll / torch.as_tensor(count).clamp(min=1)
         if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * trainer.accelerator.num_processes
-        term = guard.batch_term(unwrapped, inputs, logits)
+        if aux and getattr(outputs, "aux_loss", None) is not None:
+            steps = trainer.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + trainer.router_aux_loss_coef * outputs.aux_loss / steps
+        term = guard.batch_term(unwrapped, {k: v for k, v in inputs.items() if k != "output_router_logits"}, logits)
+        _token_metrics(trainer, logits, targets)
     else:
         loss = task_loss(model, inputs, num_items_in_batch)
         term = guard.stream_term(unwrapped, micro_step)
@@ -111,3 +118,21 @@ def guarded_loss(trainer, guard: ForgettingGuard, model, inputs, num_items_in_ba
             or trainer.compute_loss_func is not None
     factor = 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
     return loss + (guard.weight * factor) * term
+
+
+def _token_metrics(trainer, logits, targets) -> None:
+    """TRL's entropy and token accuracy, which its own loss would have logged, over every process's tokens."""
+    import torch
+
+    metrics = getattr(trainer, "_metrics", None)
+    if metrics is None:
+        return
+    with torch.no_grad():
+        keep = targets != -100
+        logp = logits[:, :-1][keep].float().log_softmax(-1)
+        gather = trainer.accelerator.gather_for_metrics
+        valid = gather(keep.sum()).sum()
+        entropy = gather(-(logp.exp() * logp).sum()).sum()
+        correct = gather((logp.argmax(-1) == targets[keep]).sum()).sum()
+        metrics["train"]["entropy"].append(float(entropy / valid) if valid > 0 else 0.0)
+        metrics["train"]["mean_token_accuracy"].append(float(correct / valid) if valid > 0 else 0.0)

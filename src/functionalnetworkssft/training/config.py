@@ -22,6 +22,9 @@ COMMON_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adafactor", 
                                "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
 
 SECRET_FIELDS = ("hub_token",)
+# SFTConfig fields that change the task's loss away from the plain NLL, at the values that leave it plain: the
+# masked_kl guard computes that loss itself (TRL's fused head never builds the logits the guard needs).
+MASKED_KL_LOSS_DEFAULTS = {"loss_type": "nll", "label_smoothing_factor": 0.0}
 # Far above any useful weight (the default kl weight is 10), and far below where float32 overflows.
 MAX_GUARD_WEIGHT = 10_000.0
 # General-text tokens per task token the kl and replay guards read by default (--forgetting_guard_share).
@@ -449,6 +452,11 @@ class TrainConfig(Options):
                 close = difflib.get_close_matches(self.optim, sorted(optimizers), n=1)
                 found.append(f"--optim {self.optim}: not an optimizer transformers knows"
                              + (f"; did you mean {close[0]}?" if close else "; see transformers' OptimizerNames."))
+        changed = {key: value for key, value in self.trainer_overrides.items()
+                   if key in MASKED_KL_LOSS_DEFAULTS and value != MASKED_KL_LOSS_DEFAULTS[key]}
+        if self.forgetting_guard == "masked_kl" and changed:
+            found.append(f"trainer: {', '.join(sorted(changed))} changes the task's loss, which the masked_kl guard "
+                         "computes itself from the logits it needs; use --forgetting_guard kl, or leave it out.")
         if self.trainer_overrides:
             from trl import SFTConfig
 
