@@ -518,6 +518,20 @@ def test_a_resumed_run_keeps_the_measurements_made_before_its_checkpoint(tiny_ll
     assert recorded[0] == 0 and recorded[-1] == 4 and recorded == sorted(set(logged)), (recorded, logged)
 
 
+def test_a_run_cannot_resume_with_another_guard(tiny_llama, tmp_path, capsys):
+    common = ["--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 8), "--use_peft",
+              "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "4", "--validation_split", "0",
+              "--forgetting_probe", "off", "--forgetting_guard", "kl", "--output_dir", tmp_path / "out"]
+    assert train(*common, "--max_steps", "1") == 0
+    for change, flag in ((["--forgetting_weight", "3"], "--forgetting_weight 3.0 differs from the 10.0"),
+                         (["--forgetting_guard_share", "0.5"], "--forgetting_guard_share 0.5 differs"),
+                         (["--forgetting_guard", "replay"], "--forgetting_guard replay differs from the kl")):
+        code = train(*common, *change, "--resume_from_checkpoint", "latest")
+        err = capsys.readouterr().err
+        assert code == 2 and any(flag in line for line in err.splitlines()), err
+    assert train(*common, "--resume_from_checkpoint", "latest") == 0
+
+
 @pytest.mark.parametrize("family, gradient_accumulation", [("llama", 1), ("llama", 2), ("mixtral", 2)])
 def test_the_masked_kl_guards_own_task_loss_is_the_trainers(tiny_llama, tmp_path, family, gradient_accumulation):
     """masked_kl computes the task's loss itself (TRL's fused head gives no logits): at a weight too small to

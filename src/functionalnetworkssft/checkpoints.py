@@ -27,7 +27,7 @@ ARCHIVES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt")
 # Settings that fix what a checkpoint holds: the shapes of its weights and optimizer state (resuming with others
 # cannot load them) and the functional-network mask (resuming with another would break its protected rows).
 SHAPE_SETTINGS = ("use_peft", "lora_r", "lora_target_modules", "mask_mode", "ica_template", "ica_component_ids",
-                  "ica_mask_layers")
+                  "ica_mask_layers", "forgetting_guard", "forgetting_weight", "forgetting_guard_share")
 
 
 def step_of(path: Path) -> int | None:

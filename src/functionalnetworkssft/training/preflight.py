@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from functionalnetworkssft import checkpoints, networks
+from functionalnetworkssft import checkpoints, forgetting, networks
 from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.outputs import OutputFolder, read_manifest
 from functionalnetworkssft.paths import looks_like_local_path
@@ -67,6 +67,13 @@ def shape_settings(cfg: TrainConfig, templates: networks.Templates | None = None
         settings.update(ica_component_ids=sorted(cfg.ica_component_ids), ica_mask_layers=cfg.ica_mask_layers or "all")
         if templates is not None:
             settings["ica_template"] = templates.sha256[:16]
+    # A run that changed its guard half-way would be recorded as if guarded one way throughout.
+    settings["forgetting_guard"] = cfg.forgetting_guard
+    if cfg.forgetting_guard != "none":
+        settings["forgetting_weight"] = (cfg.forgetting_weight if cfg.forgetting_weight is not None
+                                         else forgetting.DEFAULT_WEIGHTS[cfg.forgetting_guard])
+        if cfg.forgetting_guard in ("kl", "replay"):
+            settings["forgetting_guard_share"] = cfg.forgetting_guard_share
     return settings
 
 
