@@ -518,6 +518,22 @@ def test_a_resumed_run_keeps_the_measurements_made_before_its_checkpoint(tiny_ll
     assert recorded[0] == 0 and recorded[-1] == 4 and recorded == sorted(set(logged)), (recorded, logged)
 
 
+def test_sharded_training_refuses_the_guard_and_turns_the_probe_off(tiny_llama, tmp_path, capsys):
+    """FSDP and DeepSpeed shard the weights that the probe's and the guard's own forwards read."""
+    from functionalnetworkssft.forgetting import ForgettingPlan
+
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  fsdp: full_shard\n")
+    code = train("--config", config, "--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 8),
+                 "--output_dir", tmp_path / "out", "--use_peft", "--max_steps", "1", "--forgetting_guard", "kl")
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--forgetting_guard kl cannot run under FSDP or DeepSpeed" in last, last
+    cfg = SimpleNamespace(forgetting_probe="on", forgetting_guard="none", forgetting_weight=None,
+                          forgetting_dataset=None, trainer_overrides={"fsdp": "full_shard"})
+    assert ForgettingPlan.create(cfg, None, None, "fingerprint") is None
+    assert "Forgetting probe: off under FSDP or DeepSpeed" in capsys.readouterr().out
+
+
 def test_a_run_cannot_resume_with_another_guard(tiny_llama, tmp_path, capsys):
     common = ["--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 8), "--use_peft",
               "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "4", "--validation_split", "0",

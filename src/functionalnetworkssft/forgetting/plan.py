@@ -34,6 +34,17 @@ class ForgettingPlan:
         kind = cfg.forgetting_guard
         weight = cfg.forgetting_weight if cfg.forgetting_weight is not None else DEFAULT_WEIGHTS.get(kind, 0.0)
         guarding = kind != "none" and weight > 0  # lambda = 0 is the plain run, to the bit
+        if _sharded(cfg) and (probing or guarding):
+            # The probe and the guards run their own forwards of the model, which sharded weights allow only
+            # through the sharding wrapper.
+            if guarding:
+                raise UsageError(f"--forgetting_guard {kind} cannot run under FSDP or DeepSpeed, which shard the "
+                                 "weights its own forwards read; train data-parallel (torchrun) or use "
+                                 "--forgetting_guard none.")
+            if distributed.is_main():
+                print("Forgetting probe: off under FSDP or DeepSpeed (sharded weights); train data-parallel to "
+                      "measure it, or add --forgetting_probe off to say so.")
+            probing = False
         streaming = guarding and kind in ("kl", "replay")
         if cfg.forgetting_dataset and not (probing or streaming) and distributed.is_main():
             print(f"--forgetting_dataset {cfg.forgetting_dataset} is not read: only the probe and the kl and replay "
@@ -132,11 +143,19 @@ def _onto_training_device(model, cfg) -> None:
 
     import torch
 
-    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cpu":
-        return
-    if any(key in cfg.trainer_overrides for key in ("deepspeed", "fsdp", "fsdp_config")):
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cpu" or _sharded(cfg):
         return
     model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0)))
+
+
+def _sharded(cfg) -> bool:
+    """Whether the run shards the model (FSDP or DeepSpeed, from the config file's trainer: or accelerate's launch)."""
+    import os
+
+    if any(cfg.trainer_overrides.get(key) for key in ("deepspeed", "fsdp")):
+        return True
+    return any(os.environ.get(name, "").lower() in ("1", "true") for name in ("ACCELERATE_USE_FSDP",
+                                                                               "ACCELERATE_USE_DEEPSPEED"))
 
 
 def fingerprint(source, cfg) -> str:
