@@ -306,6 +306,26 @@ def test_a_frozen_copy_that_cannot_fit_is_refused_in_one_line(tiny_llama, tmp_pa
     assert not (tmp_path / "out" / "final_model").exists()
 
 
+def test_every_process_on_the_machine_counts_for_a_frozen_copys_memory(monkeypatch):
+    import psutil
+
+    tokenizer = build_tokenizer(chat=False)
+    model = build_model("gpt2", len(tokenizer), tokenizer)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=6 * size))
+    assert reference.copy_problem(model, "--forgetting_guard kl") is None  # the copy and 3 x float32: 4 x size
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert "frozen copy" in reference.copy_problem(model, "--forgetting_guard kl")
+
+
+def test_general_text_no_part_of_the_run_reads_is_said_to_be_unread(tiny_llama, tmp_path, capsys):
+    assert train("--model_name_or_path", tiny_llama, "--dataset_name_or_path", toy(tmp_path, 8), "--output_dir",
+                 tmp_path / "out", "--use_peft", "--max_steps", "1", "--validation_split", "0",
+                 "--forgetting_probe", "off", "--forgetting_dataset", general_text(tmp_path / "general.txt")) == 0
+    printed = capsys.readouterr().out
+    assert "general.txt is not read: only the probe and the kl and replay guards read general text" in printed
+
+
 KILL_AT_SAVE = train_with_callback("""
 class Callback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
