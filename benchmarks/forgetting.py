@@ -14,7 +14,7 @@ order and LoRA initialisation per seed:
   lesion_ica10         lora_down, with the rows of the ICA networks (K=10) held, as `fnsft train --mask_mode` does
   lesion_top10         the same count of highest mean-|activation| channels held (the old benchmark's best mask)
   kl{1,3,10}           lora_all@1e-3 + lambda * KL(base || tuned) on the guard's stream (the product's `kl` guard)
-  masked_kl10          lora_all@1e-3 + the product's `masked_kl` guard on the batch itself (its default lambda)
+  masked_kl{1,10}      lora_all@1e-3 + the product's `masked_kl` guard on the batch itself (1: its default lambda)
   replay1              lora_all@1e-3 + the product's `replay` guard on the stream (its default lambda)
   kl10+lesion_ica10    lesion_ica10 + the kl guard, lambda 10
 
@@ -36,16 +36,19 @@ Measured at step 0 (the base) and every few steps:
 
 The evaluation text measures only. Mask selection (ICA, top-|activation|) sees the training data and selection
 windows of domains A and B that are not evaluation windows; the guard's stream is the base's writing from other
-seeds. Every window or example used for selection, training or the guard that shares a token 8-gram with any
-evaluation text (both domains, the generated probe, the held-out sonnets, the instructions and replies) is dropped
+seeds. Every window or example used for selection, training or the guard that shares a 13-token sequence
+(text.NGRAM) with any evaluation text (both domains, the generated probe, the held-out sonnets, the instructions and replies) is dropped
 (text.disjoint), which also catches passages that pydoc_data repeats; the counts are in the JSON under `data`.
 
 Forgetting is compared at matched task gain: for each seed, the method's KL where it reaches its final gain
-(or the highest gain any baseline reached, if lower) against the baselines' frontier there (the lowest KL any
-baseline run of that seed had on first reaching that gain) and against lora_all@1e-3. KL comparisons are paired
-t-tests on log(KL ratio) across seeds; every p-value reported is Holm-adjusted over all comparisons together. The
-goal (a guard keeping >= 95% of the best lora_all's gain with >= 85% less KL than the frontier on both domains) is
-tested one-sided against those thresholds and printed whether or not it is met. Runs are saved after each
+(or the highest gain any baseline reached, if lower) against the baselines' frontier there: the one baseline whose
+seed-mean KL on first reaching that gain is lowest, paired seed by seed. KL comparisons are paired t-tests on
+log(KL ratio) across seeds; every p-value reported is Holm-adjusted over one family fixed in `summarise` (each method
+against the frontier, two mask and guard-plus-mask comparisons, the goal's tests). The goal (a guard keeping >= 95%
+of the best lora_all's gain with >= 85% less KL than the frontier on both domains, over 5 seeds) is tested
+one-sided against those thresholds and printed whether or not it is met. Reads against lora_all@1e-3 alone and at
+the highest gain two baselines reach are printed beside, without p. `--report` redoes the analysis of a results
+file without running anything. Runs are saved after each
 (arm, seed); a rerun continues where it stopped. The plot (gain against KL per arm, one panel per text) is written to
 docs/img/ under the JSON's name (forgetting.json -> docs/img/forgetting.png).
 """
@@ -92,7 +95,7 @@ OTHER_SEEDS = 3
 QUICK_ONLY = ("masked_kl10",)
 DOMAINS = {"A": "Python documentation", "B": "Britannica prose", "G": "text the base wrote (product's probe)"}
 HELD_OUT = ("A", "B")  # the domains the goal is judged on; G is the product's own probe, which they validate
-GOAL = {"gain_kept": 0.95, "kl_reduction": 0.85, "alpha": 0.05}
+GOAL = {"gain_kept": 0.95, "kl_reduction": 0.85, "alpha": 0.05, "seeds": 5}
 # Held-out instructions for the reply measure: everyday requests unlike the product's neutral prompts (text.PROMPTS)
 # and unlike the task.
 REPLY_PROMPTS = (
@@ -468,46 +471,65 @@ def paired_test(values: list[float], null: float, alternative: str) -> float | N
 
     if len(values) < 2:
         return None
-    if np.allclose(values, values[0]):
-        return None if values[0] == null else 0.0
+    if np.allclose(values, values[0]):  # no spread: the sign alone decides
+        above, below = values[0] > null, values[0] < null
+        return {"two-sided": 0.0 if (above or below) else 1.0, "greater": 0.0 if above else 1.0,
+                "less": 0.0 if below else 1.0}[alternative]
     return float(stats.ttest_1samp(values, null, alternative=alternative).pvalue)
 
 
-def compare(method_runs: dict, reference_runs: dict[int, list[dict]], key: str, label: str) -> dict | None:
-    """The method against the best of `reference_runs` at matched gain, per seed. KL is compared as log(ratio),
-    reply_match as a difference; `label` names the reference."""
+def compare(method_runs: dict, reference_runs: dict[str, dict[int, dict]], key: str, label: str,
+            cap=None) -> dict | None:
+    """The method against the reference at matched gain, per seed. KL is compared as log(ratio), reply_match as a
+    difference; `label` names the reference.
+
+    The gain is read per seed where the method ends (or, if lower, at the highest gain any reference run of that seed
+    reached; `cap(seed)` lowers it further). With several reference arms (the baseline frontier), one arm is chosen
+    for all seeds: the one whose seed-mean value there is best among those that reach it in every seed, so that the
+    frontier is a curve, not a per-seed pick of whichever baseline happened to be luckiest."""
     lower_better = key.startswith("kl_")
-    pick = min if lower_better else max
+    seeds = sorted(s for s in method_runs if any(s in runs for runs in reference_runs.values()))
+    matched = {}
+    for seed in seeds:
+        reached = [max(gains(runs[seed])) for runs in reference_runs.values() if seed in runs]
+        gain = min(gains(method_runs[seed])[-1], max(reached))
+        matched[seed] = min(gain, cap(seed)) if cap is not None else gain
+    reads = {arm: {s: first_reaching(runs[s], matched[s], key) for s in seeds if s in runs}
+             for arm, runs in reference_runs.items()}
+    complete = {arm: v for arm, v in reads.items() if len(v) == len(seeds) and all(x is not None for x in v.values())}
+    if not complete:
+        return None
+    score = (lambda v: np.mean([math.log(max(x, 1e-12)) for x in v.values()])) if lower_better else \
+        (lambda v: -np.mean(list(v.values())))
+    chosen = min(complete, key=lambda arm: score(complete[arm]))
     per_seed = []
-    for seed, run in sorted(method_runs.items()):
-        references = reference_runs.get(seed, [])
-        if not references:
+    for seed in seeds:
+        ours = first_reaching(method_runs[seed], matched[seed], key)
+        if ours is None:
             continue
-        gain = min(gains(run)[-1], max(max(gains(r)) for r in references))
-        ours = first_reaching(run, gain, key)
-        theirs = [v for v in (first_reaching(r, gain, key) for r in references) if v is not None]
-        if ours is None or not theirs:
-            continue
-        best = pick(theirs)
-        best_run = next(r for r in references if first_reaching(r, gain, key) == best)
+        best_run = reference_runs[chosen][seed]
         # Read between the base and the first evaluation: the value there is a straight line from the base's.
-        origin = [name for name, r in (("method", run), ("reference", best_run)) if crossing(r, gain) == 1]
-        per_seed.append({"seed": seed, "gain": gain, "method": ours, "reference": best,
-                         "reference_arm": best_run["arm"], "read_from_origin": origin})
+        origin = [name for name, r in (("method", method_runs[seed]), ("reference", best_run))
+                  if crossing(r, matched[seed]) == 1]
+        per_seed.append({"seed": seed, "gain": matched[seed], "method": ours, "reference": complete[chosen][seed],
+                         "read_from_origin": origin})
     if not per_seed:
         return None
-    out = {"reference": label, "metric": key, "seeds": per_seed,
+    out = {"reference": label, "reference_arm": chosen, "metric": key, "seeds": per_seed, "n": len(per_seed),
            "matched_gain": float(np.mean([s["gain"] for s in per_seed])),
-           "seeds_read_from_origin": sum(1 for s in per_seed if s["read_from_origin"]),
-           "method": float(np.mean([s["method"] for s in per_seed])),
-           "reference_value": float(np.mean([s["reference"] for s in per_seed]))}
+           "seeds_read_from_origin": sum(1 for s in per_seed if s["read_from_origin"])}
     if lower_better:
+        # Geometric means, so that the two values and the reduction agree.
+        out["method"] = float(np.exp(np.mean([math.log(max(s["method"], 1e-12)) for s in per_seed])))
+        out["reference_value"] = float(np.exp(np.mean([math.log(max(s["reference"], 1e-12)) for s in per_seed])))
         logs = [math.log(max(s["method"], 1e-12) / max(s["reference"], 1e-12)) for s in per_seed]
         out["log_ratio"] = float(np.mean(logs))
-        out["reduction"] = 1 - math.exp(out["log_ratio"])  # of the geometric mean over seeds
+        out["reduction"] = 1 - math.exp(out["log_ratio"])
         out["p"] = paired_test(logs, 0.0, "two-sided")
         out["_logs"] = logs
     else:
+        out["method"] = float(np.mean([s["method"] for s in per_seed]))
+        out["reference_value"] = float(np.mean([s["reference"] for s in per_seed]))
         diffs = [s["method"] - s["reference"] for s in per_seed]
         out["difference"] = float(np.mean(diffs))
         out["p"] = paired_test(diffs, 0.0, "two-sided")
@@ -539,49 +561,67 @@ def summarise(results: dict, arm_names: list[str]) -> dict:
         if ratios:
             overhead[arm] = mean_sd(ratios)
 
-    frontier = {}
-    for arm in BASELINES:
-        for seed, run in by_arm.get(arm, {}).items():
-            frontier.setdefault(seed, []).append(run)
-    reference = {s: [r] for s, r in by_arm.get(REFERENCE, {}).items()}
+    # One Holm family, fixed before the run's tests could be computed: each method against the baseline frontier
+    # (KL on A and B, reply match), the two mask-against-mask and guard-plus-mask comparisons, and the goal's three
+    # one-sided tests for each guard setting run on GOAL["seeds"] seeds. Against lora_all@1e-3 alone and at the
+    # highest gain two baselines reach, the reads are descriptive (no p): mostly the same test again.
+    frontier = {arm: by_arm[arm] for arm in BASELINES if arm in by_arm}
     methods = [a for a in arm_names if a not in BASELINES and a in by_arm]
+
+    def shared_gain(seed: int) -> float:
+        """The highest task gain at least two baselines of `seed` reach (where the frontier is more than one run)."""
+        reached = sorted((max(gains(runs[seed])) for runs in frontier.values() if seed in runs), reverse=True)
+        return reached[1] if len(reached) > 1 else reached[0]
+
     comparisons = []
     for arm in methods:
-        for label, refs in (("baseline frontier", frontier), (REFERENCE, reference)):
-            for key in ("kl_A", "kl_B", "reply_match"):
-                found = compare(by_arm[arm], refs, key, label)
+        for key in ("kl_A", "kl_B", "reply_match"):
+            found = compare(by_arm[arm], frontier, key, "baseline frontier") if frontier else None
+            if found:
+                comparisons.append({"arm": arm, "kind": "difference", **found})
+            for kind, refs, label, cap in (("same learning rate", {REFERENCE: by_arm.get(REFERENCE, {})}, REFERENCE,
+                                            None),
+                                           ("shared gain", frontier, "baseline frontier", shared_gain)):
+                found = compare(by_arm[arm], refs, key, label, cap) if refs and all(refs.values()) else None
                 if found:
-                    comparisons.append({"arm": arm, "kind": "difference", **found})
+                    found.pop("_logs", None)
+                    comparisons.append({"arm": arm, "kind": kind, **found, "p": None})
     for arm, other in (("lesion_ica10", "lesion_top10"), ("kl10+lesion_ica10", "kl10")):
         if arm in by_arm and other in by_arm:
             for key in ("kl_A", "kl_B"):
-                found = compare(by_arm[arm], {s: [r] for s, r in by_arm[other].items()}, key, other)
+                found = compare(by_arm[arm], {other: by_arm[other]}, key, other)
                 if found:
                     comparisons.append({"arm": arm, "kind": "difference", **found})
 
     # The goal, per guard arm: gain kept vs the best lora_all (one-sided, > 95%) and KL reduction vs the frontier
-    # on each held-out domain (one-sided, > 85%).
+    # on each held-out domain (one-sided, > 85%); tested only where the arm ran GOAL["seeds"] seeds.
     lora_all = [a for a in BASELINES if a.startswith("lora_all") and a in by_arm]
     best = max(lora_all, key=lambda a: table[a]["task_gain"]["mean"]) if lora_all else None
     goal_rows = {}
-    for arm in [a for a in methods if by_arm and "guard" in next(iter(by_arm[a].values()))["spec"]]:
+    for arm in [a for a in methods if "guard" in next(iter(by_arm[a].values()))["spec"]]:
         if best is None:
             continue
         kept = [gains(r)[-1] / gains(by_arm[best][s])[-1] for s, r in by_arm[arm].items() if s in by_arm[best]]
-        goal_rows[arm] = {"best_lora_all": best, "gain_kept": mean_sd(kept)}
-        comparisons.append({"arm": arm, "kind": "goal", "reference": best, "metric": "gain_kept",
-                            "method": float(np.mean(kept)), "threshold": GOAL["gain_kept"],
-                            "p": paired_test(kept, GOAL["gain_kept"], "greater")})
+        testable = len(kept) >= GOAL["seeds"]
+        goal_rows[arm] = {"best_lora_all": best, "gain_kept": mean_sd(kept), "seeds": len(kept),
+                          "testable": testable}
+        goals = [{"arm": arm, "kind": "goal", "reference": best, "metric": "gain_kept", "n": len(kept),
+                  "method": float(np.mean(kept)), "threshold": GOAL["gain_kept"],
+                  "p": paired_test(kept, GOAL["gain_kept"], "greater")}]
         for domain in HELD_OUT:
             found = next((c for c in comparisons if c["arm"] == arm and c["kind"] == "difference"
                           and c["reference"] == "baseline frontier" and c["metric"] == f"kl_{domain}"), None)
             if found is None:
                 continue
             goal_rows[arm][f"kl_reduction_{domain}"] = found["reduction"]
-            comparisons.append({"arm": arm, "kind": "goal", "reference": "baseline frontier",
-                                "metric": f"kl_reduction_{domain}", "method": found["reduction"],
-                                "threshold": GOAL["kl_reduction"],
-                                "p": paired_test(found["_logs"], math.log(1 - GOAL["kl_reduction"]), "less")})
+            goals.append({"arm": arm, "kind": "goal", "reference": "baseline frontier",
+                          "reference_arm": found["reference_arm"], "metric": f"kl_reduction_{domain}",
+                          "n": found["n"], "method": found["reduction"], "threshold": GOAL["kl_reduction"],
+                          "p": paired_test(found["_logs"], math.log(1 - GOAL["kl_reduction"]), "less")})
+        if not testable:
+            for goal in goals:
+                goal.update(kind="goal (untested: fewer seeds)", p=None)
+        comparisons.extend(goals)
     tested = [i for i, c in enumerate(comparisons) if c.get("p") is not None]
     for i, p in zip(tested, holm([comparisons[i]["p"] for i in tested])):
         comparisons[i]["p_holm"] = p
@@ -589,10 +629,11 @@ def summarise(results: dict, arm_names: list[str]) -> dict:
         c.pop("_logs", None)
         c.setdefault("p_holm", None)
     for arm, row in goal_rows.items():
-        goals = [c for c in comparisons if c["arm"] == arm and c["kind"] == "goal"]
+        goals = [c for c in comparisons if c["arm"] == arm and c["kind"].startswith("goal")]
         point = len(goals) == 1 + len(HELD_OUT) and all(c["method"] >= c["threshold"] for c in goals)
         row["point_estimates_meet"] = bool(point)
-        row["met"] = bool(point and all(c["p_holm"] is not None and c["p_holm"] < GOAL["alpha"] for c in goals))
+        row["met"] = bool(point and row["testable"]
+                          and all(c["p_holm"] is not None and c["p_holm"] < GOAL["alpha"] for c in goals))
         row["p_holm"] = {c["metric"]: c["p_holm"] for c in goals}
 
     # Does the product's probe (text the base wrote) rank forgetting as the held-out domains do?
@@ -604,7 +645,7 @@ def summarise(results: dict, arm_names: list[str]) -> dict:
             if len(chosen) >= 3:
                 rho = stats.spearmanr([e[a] for e in chosen], [e[b] for e in chosen]).statistic
                 spearman[f"{a}~{b}|{label}"] = {"rho": float(rho), "points": len(chosen)}
-    return {"table": table, "step_time_ratio": overhead, "comparisons": comparisons,
+    return {"table": table, "step_time_ratio": overhead, "comparisons": comparisons, "holm_family_size": len(tested),
             "goal": {"criteria": GOAL, "arms": goal_rows, "met_by": [a for a, r in goal_rows.items() if r["met"]]},
             "spearman": spearman}
 
@@ -631,16 +672,17 @@ def plot(results: dict, path: Path) -> None:
             final_kl = [r["evals"][-1][f"kl_{domain}"] for r in runs]
             sd = (lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0)
             ax.errorbar(np.mean(final_gain), np.mean(final_kl), xerr=sd(final_gain), yerr=sd(final_kl),
-                        fmt="s" if arm in BASELINES else "o", color=colour, markersize=6, capsize=3, label=arm)
+                        fmt="s" if arm in BASELINES else "o", color=colour, markersize=6, capsize=3,
+                        label=f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         ax.set_yscale("log")
         ax.set_xlabel("task gain: validation NLL reduction (nats/token)")
         ax.set_ylabel("KL(base || tuned) per token")
         ax.set_title(f"{domain}: {DOMAINS[domain]}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7, ncol=2)
-    seeds = max((t["seeds"] for t in results["table"].values()), default=0)
-    fig.suptitle(f"SmolLM2-135M-Instruct: task gain against forgetting (markers: mean ± sd over {seeds} seed(s) at "
-                 "the last step; lines: the mean trace, every evaluation)", fontsize=10)
+    fig.suptitle("SmolLM2-135M-Instruct: task gain against forgetting (markers: mean ± sd over each arm's seeds at "
+                 "the last step; lines: the mean trace, every evaluation; squares and dashes: the baselines)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -666,6 +708,8 @@ def main() -> None:
     parser.add_argument("--json", help="results file; an existing one is continued")
     parser.add_argument("--quick", action="store_true", help="5 arms, 1 seed, 16 steps (under 15 minutes)")
     parser.add_argument("--list", action="store_true", help="print the arms, seeds and an estimated time; run nothing")
+    parser.add_argument("--report", action="store_true",
+                        help="analyse the runs already in --json (table, tests, plot) and run nothing")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     cfg = QUICK if args.quick else FULL
@@ -682,6 +726,14 @@ def main() -> None:
     if not args.json:
         parser.error("--json is required unless --list")
     out = Path(args.json)
+    if args.report:
+        results = json.loads(out.read_text())
+        results.update(summarise(results, results["arms"]))
+        save(results, out)
+        PLOTS.mkdir(parents=True, exist_ok=True)
+        plot(results, PLOTS / out.with_suffix(".png").name)
+        print_report(results)
+        return
     config = {**cfg, "version": VERSION, "arms": {a: specs[a] for a in arm_names}}
     key = hashlib.sha256(json.dumps({**cfg, "version": VERSION}, sort_keys=True).encode()).hexdigest()[:12]
     results = json.loads(out.read_text()) if out.is_file() else {}
@@ -749,35 +801,47 @@ def print_report(results: dict) -> None:
         print(f"| {arm} | {row['seeds']} | {cell(row, 'step_seconds', 2)} | {ratio} | " + " | ".join(
                   cell(row, k) for k in ("task_gain", "kl_A", "kl_B", "kl_G", "agreement_A", "agreement_B",
                                          "reply_match", "reply_nll_change")) + " |")
-    print("\nAt matched task gain (KL: method / reference as a reduction, from log ratios; p two-sided paired t-test "
-          "across seeds, Holm-adjusted over every comparison):")
-    fmt = (lambda p: "n/a (1 seed)" if p is None else f"{p:.3g}")
-    for c in results["comparisons"]:
-        if c["kind"] == "goal":
-            continue
+    print("(each arm at its last step, mean ± sd over its seeds: arms end at different gains, so compare forgetting "
+          "in the matched-gain reads below)")
+    fmt = (lambda p: "-" if p is None else f"{p:.3g}")
+
+    def change(c):
         if c["metric"].startswith("kl_"):
             less = c["reduction"]
-            change = (f"{c['method']:.4f} vs {c['reference_value']:.4f} "
-                      f"({abs(less):.0%} {'less' if less >= 0 else 'more'})")
-        else:
-            change = f"{c['method']:.3f} vs {c['reference_value']:.3f} ({c['difference']:+.3f})"
+            return (f"{c['method']:.4f} vs {c['reference_value']:.4f} (geometric means; {abs(less):.0%} "
+                    f"{'less' if less >= 0 else 'more'})")
+        return f"{c['method']:.3f} vs {c['reference_value']:.3f} ({c['difference']:+.3f})"
+
+    print(f"\nAt matched task gain, in one Holm family of {results.get('holm_family_size', 0)} tests (KL as log ratios, "
+          "reply match as differences; two-sided paired t-tests across seeds). The frontier is the one baseline whose "
+          "seed-mean value at the matched gain is best, paired seed by seed:")
+    for c in (c for c in results["comparisons"] if c["kind"] == "difference"):
         origin = c.get("seeds_read_from_origin")
         origin = f" [{origin} seed(s) read between the base and the first evaluation]" if origin else ""
-        print(f"  {c['arm']} vs {c['reference']}, {c['metric']} at gain {c['matched_gain']:.3f}: {change}; "
-              f"p = {fmt(c['p'])}, Holm p = {fmt(c['p_holm'])}{origin}")
+        where = f" ({c['reference_arm']})" if c["reference"] == "baseline frontier" else ""
+        print(f"  {c['arm']} vs {c['reference']}{where}, {c['metric']} at gain {c['matched_gain']:.3f}, n {c['n']}: "
+              f"{change(c)}; p = {fmt(c['p'])}, Holm p = {fmt(c['p_holm'])}{origin}")
+    print("\nDescriptive reads, outside the family (no p): against lora_all@1e-3 alone, and against the frontier at "
+          "the highest gain at least two baselines reach:")
+    for c in (c for c in results["comparisons"] if c["kind"] in ("same learning rate", "shared gain")):
+        where = f" ({c['reference_arm']})" if c["reference"] == "baseline frontier" else ""
+        print(f"  {c['arm']} vs {c['reference']}{where} [{c['kind']}], {c['metric']} at gain "
+              f"{c['matched_gain']:.3f}, n {c['n']}: {change(c)}")
     goal = results["goal"]
     print(f"\nGoal: a guard keeping >= {goal['criteria']['gain_kept']:.0%} of the best lora_all's gain with >= "
           f"{goal['criteria']['kl_reduction']:.0%} less KL than the baseline frontier at matched gain on domains "
-          f"{' and '.join(HELD_OUT)}, each one-sided, Holm p < {goal['criteria']['alpha']}:")
+          f"{' and '.join(HELD_OUT)}, over {goal['criteria'].get('seeds', 1)} seeds, each test one-sided, Holm p < "
+          f"{goal['criteria']['alpha']}:")
     for arm, row in goal["arms"].items():
         reductions = ", ".join(f"KL {d} {abs(row[f'kl_reduction_{d}']):.0%} "
                                f"{'less' if row[f'kl_reduction_{d}'] >= 0 else 'more'}" for d in HELD_OUT
                                if f"kl_reduction_{d}" in row)
-        untested = any(v is None for v in row["p_holm"].values())
         ps = ", ".join(f"{k} {fmt(v)}" for k, v in row["p_holm"].items())
-        print(f"  {arm}: gain kept {row['gain_kept']['mean']:.1%} of {row['best_lora_all']}, {reductions}; "
-              f"point estimates {'meet' if row['point_estimates_meet'] else 'miss'} the thresholds; Holm p: {ps} "
-              f"-> {'MET' if row['met'] else 'not met'}{' (untestable: one seed)' if untested else ''}")
+        tested = f"Holm p: {ps}" if row.get("testable", True) else "not tested (fewer seeds than the goal asks)"
+        print(f"  {arm} ({row.get('seeds', '?')} seeds): gain kept {row['gain_kept']['mean']:.1%} of "
+              f"{row['best_lora_all']}, {reductions}; point estimates "
+              f"{'meet' if row['point_estimates_meet'] else 'miss'} the thresholds; {tested} -> "
+              f"{'MET' if row['met'] else 'not met'}")
     print(f"  goal met by: {', '.join(goal['met_by']) or 'no guard setting'}")
     print("\nSpearman correlation of KL between texts (points are not independent: no p-value):")
     for pair, value in results["spearman"].items():
