@@ -10,9 +10,9 @@
 """
 
 from functionalnetworkssft.forgetting.callback import ProbeAtEnds
-from functionalnetworkssft.forgetting.guard import DEFAULT_WEIGHTS, GUARDS, ForgettingGuard, guarded_loss
+from functionalnetworkssft.forgetting.guard import DEFAULT_WEIGHTS, GUARDS, ForgettingGuard, guard_weight, guarded_loss
 from functionalnetworkssft.forgetting.plan import ForgettingPlan, fingerprint
 from functionalnetworkssft.forgetting.probe import AGREEMENT_KEY, KL_KEY, NLL_KEY, ForgettingProbe
 
 __all__ = ["AGREEMENT_KEY", "DEFAULT_WEIGHTS", "GUARDS", "KL_KEY", "NLL_KEY", "ForgettingGuard", "ForgettingPlan",
-           "ForgettingProbe", "ProbeAtEnds", "fingerprint", "guarded_loss"]
+           "ForgettingProbe", "ProbeAtEnds", "fingerprint", "guard_weight", "guarded_loss"]

@@ -25,6 +25,11 @@ MAX_WINDOWS = 16
 DEFAULT_WEIGHTS = {"kl": 10.0, "masked_kl": 1.0, "replay": 1.0}
 
 
+def guard_weight(kind: str, given: float | None) -> float:
+    """The weight lambda a run uses: --forgetting_weight, else the guard's default (0 for no guard)."""
+    return given if given is not None else DEFAULT_WEIGHTS.get(kind, 0.0)
+
+
 def windows_per_micro_batch(share: float, task_tokens: float, window_tokens: int) -> int:
     """How many general-text windows guard a micro-batch of `task_tokens` tokens (--forgetting_guard_share). A
     guard token costs about 1.4 task tokens (its forward and backward, plus the base's forward), so the default

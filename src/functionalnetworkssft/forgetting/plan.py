@@ -11,7 +11,7 @@ from typing import Any
 
 from functionalnetworkssft.errors import UsageError
 from functionalnetworkssft.forgetting import reference, text
-from functionalnetworkssft.forgetting.guard import DEFAULT_WEIGHTS, ForgettingGuard, windows_per_micro_batch
+from functionalnetworkssft.forgetting.guard import ForgettingGuard, guard_weight, windows_per_micro_batch
 from functionalnetworkssft.forgetting.probe import AGREEMENT_KEY, KL_KEY, NLL_KEY, ForgettingProbe
 
 
@@ -32,7 +32,7 @@ class ForgettingPlan:
 
         probing = cfg.forgetting_probe == "on"
         kind = cfg.forgetting_guard
-        weight = cfg.forgetting_weight if cfg.forgetting_weight is not None else DEFAULT_WEIGHTS.get(kind, 0.0)
+        weight = guard_weight(kind, cfg.forgetting_weight)
         guarding = kind != "none" and weight > 0  # lambda = 0 is the plain run, to the bit
         if _sharded(cfg) and (probing or guarding):
             # The probe and the guards run their own forwards of the model, which sharded weights allow only

@@ -70,8 +70,7 @@ def shape_settings(cfg: TrainConfig, templates: networks.Templates | None = None
     # A run that changed its guard half-way would be recorded as if guarded one way throughout.
     settings["forgetting_guard"] = cfg.forgetting_guard
     if cfg.forgetting_guard != "none":
-        settings["forgetting_weight"] = (cfg.forgetting_weight if cfg.forgetting_weight is not None
-                                         else forgetting.DEFAULT_WEIGHTS[cfg.forgetting_guard])
+        settings["forgetting_weight"] = forgetting.guard_weight(cfg.forgetting_guard, cfg.forgetting_weight)
         if cfg.forgetting_guard in ("kl", "replay"):
             settings["forgetting_guard_share"] = cfg.forgetting_guard_share
     return settings
