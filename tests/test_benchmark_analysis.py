@@ -100,3 +100,25 @@ def test_one_sided_tests_point_the_right_way_even_without_spread(bench):
     assert bench.paired_test([0.97, 0.98, 0.99, 0.975, 0.985], 0.95, "greater") < 0.01
     assert bench.paired_test([0.90, 0.91, 0.92, 0.905, 0.915], 0.95, "greater") > 0.99
     assert bench.paired_test([0.5], 0.0, "two-sided") is None
+
+
+def test_shards_split_the_pending_runs_headline_first_and_merge_back(bench):
+    arms = list(bench.arm_specs())
+    cfg = bench.FULL
+    done = {f"{a}|0": {"evals": []} for a in arms}
+    everything = bench.pending(done, arms, cfg)
+    shards = [bench.pending(done, arms, cfg, k, 3) for k in (1, 2, 3)]
+    assert sorted(x for shard in shards for x in shard) == sorted(everything)
+    assert sum(map(len, shards)) == len(everything) == len(set(everything))
+    assert all(f"{a}|{s}" not in done for a, s in everything)
+    headline = [a in bench.HEADLINE for a, _ in everything]
+    assert headline == sorted(headline, reverse=True) and any(headline) and not all(headline)
+    assert {s for a, s in everything if a not in bench.HEADLINE} == set(cfg["seeds"][1:bench.OTHER_SEEDS])
+
+    results = {"config_key": "k", "runs": dict(done)}
+    bench.merge(results, {"config_key": "k", "runs": {"kl10|3": {"evals": [1]}, f"{arms[0]}|0": {"evals": []}}})
+    assert results["runs"]["kl10|3"] == {"evals": [1]} and len(results["runs"]) == len(done) + 1
+    with pytest.raises(ValueError, match="another configuration"):
+        bench.merge(results, {"config_key": "other", "runs": {}})
+    with pytest.raises(ValueError, match="different measurements"):
+        bench.merge(results, {"config_key": "k", "runs": {"kl10|3": {"evals": [2]}}})
