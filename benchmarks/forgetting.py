@@ -557,14 +557,17 @@ def summarise(results: dict, arm_names: list[str]) -> dict:
             row[key] = mean_sd([f[key] for _, f in finals])
         for key in [f"nll_{d}" for d in DOMAINS] + ["reply_nll"]:
             row[f"{key}_change"] = mean_sd([f[key] - b[key] for b, f in finals])
-        row["step_seconds"] = mean_sd([r["step_seconds"]["median"] for r in arm_runs.values()])
+        # A run made beside another (--shard) timed a shared machine, not the method.
+        timed = [r["step_seconds"]["median"] for r in arm_runs.values() if alone(r)]
+        row["step_seconds"] = mean_sd(timed) if timed else None
         row["held_rows"] = next(iter(arm_runs.values()))["held_rows"]
         table[arm] = row
     # Step time relative to the plain run of the same seed (the same machine, minutes apart).
     overhead = {}
     for arm, arm_runs in by_arm.items():
         ratios = [r["step_seconds"]["median"] / by_arm[REFERENCE][s]["step_seconds"]["median"]
-                  for s, r in arm_runs.items() if s in by_arm.get(REFERENCE, {})]
+                  for s, r in arm_runs.items()
+                  if s in by_arm.get(REFERENCE, {}) and alone(r) and alone(by_arm[REFERENCE][s])]
         if ratios:
             overhead[arm] = mean_sd(ratios)
 
@@ -790,7 +793,7 @@ def main() -> None:
         # Step times mean something only on a quiet machine: the 1-minute load average at the run's end says whether
         # it was (about 2 on this 2-core machine when only the benchmark runs).
         run["load_average"] = round(os.getloadavg()[0], 2)
-        run["threads"] = torch.get_num_threads()
+        run["threads"], run["shards"] = torch.get_num_threads(), shards
         results["runs"][f"{arm}|{seed}"] = run
         results.update(summarise(results, arm_names))
         save(results, out)
@@ -813,6 +816,11 @@ def pending(runs: dict, arm_names: list[str], cfg: dict, shard: int = 1, shards:
     return todo[shard - 1::shards]
 
 
+def alone(run: dict) -> bool:
+    """Whether the run had the machine to itself (not one of several --shard processes)."""
+    return run.get("shards", 1) == 1
+
+
 def merge(results: dict, other: dict) -> None:
     """Add `other`'s runs to `results`; refused (ValueError) for runs of another configuration, or a run both have
     with different measurements."""
@@ -833,6 +841,8 @@ def save(results: dict, path: Path) -> None:
 def print_report(results: dict) -> None:
     def cell(row, key, digits=4):
         value = row[key]
+        if value is None:
+            return "-"
         return f"{value['mean']:.{digits}f} ± {value['sd']:.{digits}f}" if row["seeds"] > 1 else \
             f"{value['mean']:.{digits}f}"
 
@@ -846,7 +856,7 @@ def print_report(results: dict) -> None:
                   cell(row, k) for k in ("task_gain", "kl_A", "kl_B", "kl_G", "agreement_A", "agreement_B",
                                          "reply_match", "reply_nll_change")) + " |")
     print("(each arm at its last step, mean ± sd over its seeds: arms end at different gains, so compare forgetting "
-          "in the matched-gain reads below)")
+          "in the matched-gain reads below; step times only from runs that had the machine to themselves)")
     fmt = (lambda p: "-" if p is None else f"{p:.3g}")
 
     def change(c):

@@ -122,3 +122,16 @@ def test_shards_split_the_pending_runs_headline_first_and_merge_back(bench):
         bench.merge(results, {"config_key": "other", "runs": {}})
     with pytest.raises(ValueError, match="different measurements"):
         bench.merge(results, {"config_key": "k", "runs": {"kl10|3": {"evals": [2]}}})
+
+
+def test_step_times_leave_out_runs_that_shared_the_machine(bench):
+    results = synthetic(bench, {"kl10": 0.05})
+    for seed, seconds in enumerate([2.0, 2.0, 9.0, 2.0, 2.0]):
+        run = results["runs"][f"kl10|{seed}"]
+        run["step_seconds"] = {"median": seconds}
+        run["shards"] = 2 if seconds == 9.0 else 1
+    for seed in range(5):
+        results["runs"][f"lora_all@1e-3|{seed}"]["step_seconds"] = {"median": 1.0}
+    out = bench.summarise(results, results["arms"])
+    assert out["table"]["kl10"]["step_seconds"] == {"mean": 2.0, "sd": 0.0}
+    assert out["step_time_ratio"]["kl10"]["mean"] == 2.0
