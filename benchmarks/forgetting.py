@@ -728,8 +728,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
-        assert 1 <= shard <= shards
-    except (ValueError, AssertionError):
+    except ValueError:
+        shard = shards = 0
+    if not 1 <= shard <= shards:
         parser.error(f"--shard: {args.shard!r} is not K/N with 1 <= K <= N")
     mode = "quick" if args.quick else "full"
     cfg = QUICK if args.quick else FULL
@@ -747,11 +748,14 @@ def main() -> None:
         parser.error("--json is required unless --list")
     out = Path(args.json)
     if args.merge:
-        results = json.loads(out.read_text())
+        try:
+            results = json.loads(out.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--json {out}: {exc}")
         for other in map(Path, args.merge):
             try:
                 merge(results, json.loads(other.read_text()))
-            except ValueError as exc:
+            except (OSError, ValueError) as exc:
                 parser.error(f"--merge: {other}: {exc}")
         args.report = True
         save(results, out)
