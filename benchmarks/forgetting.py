@@ -747,7 +747,7 @@ def main() -> None:
     if not args.json:
         parser.error("--json is required unless --list")
     out = Path(args.json)
-    if args.merge:
+    if args.merge or args.report:
         try:
             results = json.loads(out.read_text())
         except (OSError, ValueError) as exc:
@@ -757,10 +757,6 @@ def main() -> None:
                 merge(results, json.loads(other.read_text()))
             except (OSError, ValueError) as exc:
                 parser.error(f"--merge: {other}: {exc}")
-        args.report = True
-        save(results, out)
-    if args.report:
-        results = json.loads(out.read_text())
         results.update(summarise(results, results["arms"]))
         save(results, out)
         PLOTS.mkdir(parents=True, exist_ok=True)
@@ -828,6 +824,8 @@ def alone(run: dict) -> bool:
 def merge(results: dict, other: dict) -> None:
     """Add `other`'s runs to `results`; refused (ValueError) for runs of another configuration, or a run both have
     with different measurements."""
+    if not isinstance(other, dict) or not isinstance(other.get("runs", {}), dict):
+        raise ValueError("not a results file of this benchmark")
     if other.get("config_key") != results.get("config_key"):
         raise ValueError("its runs were made with another configuration")
     for key, run in other.get("runs", {}).items():
@@ -837,9 +835,9 @@ def merge(results: dict, other: dict) -> None:
 
 
 def save(results: dict, path: Path) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    os.replace(staging, path)
+    from functionalnetworkssft.outputs import write_text_atomic
+
+    write_text_atomic(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 def print_report(results: dict) -> None:
