@@ -55,9 +55,10 @@ against the frontier, two mask and guard-plus-mask comparisons, the goal's tests
 of the best lora_all's gain with >= 85% less KL than the frontier on both domains, over 5 seeds) is tested
 one-sided against those thresholds and printed whether or not it is met. Reads against lora_all@1e-3 alone and at
 the highest gain two baselines reach are printed beside, without p. `--report` redoes the analysis of a results
-file without running anything. Runs are saved after each
-(arm, seed); a rerun continues where it stopped. The plot (gain against KL per arm, one panel per text) is written to
-docs/img/ under the JSON's name (forgetting.json -> docs/img/forgetting.png).
+file without running anything. Runs are saved after each (arm, seed); a rerun continues where it stopped. One
+process writes a results file at a time (a second is refused), and a file holding another configuration's runs is
+refused rather than replaced. The plot (gain against KL per arm, one panel per text) is written to docs/img/ under
+the JSON's name (forgetting.json -> docs/img/forgetting.png).
 """
 
 from __future__ import annotations
@@ -747,27 +748,56 @@ def main() -> None:
     if not args.json:
         parser.error("--json is required unless --list")
     out = Path(args.json)
-    if args.merge or args.report:
+    from functionalnetworkssft.errors import FnsftError
+    from functionalnetworkssft.outputs import FolderLock
+
+    # One writer per results file: a second process would continue from the same runs and its saves would drop the
+    # first one's.
+    try:
+        with FolderLock(out.with_name(f".{out.name}.lock"), "forgetting.py", out):
+            if args.merge or args.report:
+                analyse(parser, out, args.merge)
+            else:
+                measure(parser, out, cfg, specs, arm_names, shard, shards)
+    except FnsftError as exc:
+        sys.exit(f"forgetting.py: {exc}")
+
+
+def analyse(parser: argparse.ArgumentParser, out: Path, merged: list[str]) -> None:
+    """--report and --merge: join the files' runs, redo the analysis and the plot, run nothing."""
+    try:
+        results = read_results(out)
+    except ValueError as exc:
+        parser.error(f"--json {out}: {exc}")
+    for other in map(Path, merged):
         try:
-            results = json.loads(out.read_text())
-        except (OSError, ValueError) as exc:
-            parser.error(f"--json {out}: {exc}")
-        for other in map(Path, args.merge):
-            try:
-                merge(results, json.loads(other.read_text()))
-            except (OSError, ValueError) as exc:
-                parser.error(f"--merge: {other}: {exc}")
-        results.update(summarise(results, results["arms"]))
-        save(results, out)
-        PLOTS.mkdir(parents=True, exist_ok=True)
-        plot(results, PLOTS / out.with_suffix(".png").name)
-        print_report(results)
-        return
+            merge(results, read_results(other))
+        except ValueError as exc:
+            parser.error(f"--merge: {other}: {exc}")
+    results.update(summarise(results, results["arms"]))
+    save(results, out)
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    plot(results, PLOTS / out.with_suffix(".png").name)
+    print_report(results)
+
+
+def measure(parser: argparse.ArgumentParser, out: Path, cfg: dict, specs: dict, arm_names: list[str], shard: int,
+            shards: int) -> None:
+    """Run the pending (arm, seed) runs, continuing the results file, and save after each."""
     config = {**cfg, "version": VERSION, "arms": {a: specs[a] for a in arm_names}}
     key = hashlib.sha256(json.dumps({**cfg, "version": VERSION}, sort_keys=True).encode()).hexdigest()[:12]
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    if results.get("config_key") != key:
-        results = {"config_key": key, "runs": {}}
+    results = {"config_key": key, "runs": {}}
+    if out.exists():
+        try:
+            found = read_results(out)
+        except ValueError as exc:
+            parser.error(f"--json {out}: {exc}; choose another file")
+        # Hours of runs are never replaced by a run of another configuration (--quick pointed at the full file).
+        if found["config_key"] != key and found["runs"]:
+            parser.error(f"--json {out}: it holds {len(found['runs'])} runs of another configuration (--quick "
+                         "against a full run's file, or an earlier version); choose another file")
+        if found["config_key"] == key:
+            results = found
     results.update(config=config, arms=arm_names)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -824,8 +854,6 @@ def alone(run: dict) -> bool:
 def merge(results: dict, other: dict) -> None:
     """Add `other`'s runs to `results`; refused (ValueError) for runs of another configuration, or a run both have
     with different measurements."""
-    if not isinstance(other, dict) or not isinstance(other.get("runs", {}), dict):
-        raise ValueError("not a results file of this benchmark")
     if other.get("config_key") != results.get("config_key"):
         raise ValueError("its runs were made with another configuration")
     for key, run in other.get("runs", {}).items():
@@ -834,10 +862,29 @@ def merge(results: dict, other: dict) -> None:
         results["runs"][key] = run
 
 
+def read_results(path: Path) -> dict:
+    """A results file of this benchmark, or ValueError saying in a few words why not."""
+    try:
+        results = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    runs = results.get("runs") if isinstance(results, dict) else None
+    if not (isinstance(runs, dict) and isinstance(results.get("config_key"), str)
+            and isinstance(results.get("arms"), list)
+            and all(isinstance(run, dict) and isinstance(run.get("evals"), list) for run in runs.values())):
+        raise ValueError("not a results file of this benchmark")
+    return results
+
+
 def save(results: dict, path: Path) -> None:
     from functionalnetworkssft.outputs import write_text_atomic
 
-    write_text_atomic(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    try:
+        write_text_atomic(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:  # a full disk: the file keeps what it held before this write
+        sys.exit(f"forgetting.py: cannot write {path} ({exc.strerror or exc}); it keeps its earlier runs")
 
 
 def print_report(results: dict) -> None:

@@ -135,3 +135,47 @@ def test_step_times_leave_out_runs_that_shared_the_machine(bench):
     out = bench.summarise(results, results["arms"])
     assert out["table"]["kl10"]["step_seconds"] == {"mean": 2.0, "sd": 0.0}
     assert out["step_time_ratio"]["kl10"]["mean"] == 2.0
+
+
+def run_main(bench, monkeypatch, *argv) -> int:
+    monkeypatch.setattr(sys, "argv", ["forgetting.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    return stop.value.code
+
+
+def test_results_files_that_are_not_this_benchmarks_are_refused_in_one_line(bench, monkeypatch, tmp_path, capsys):
+    good = {"config_key": "k", "arms": ["kl10"], "runs": {"kl10|0": {"evals": []}}}
+    assert bench.read_results(bench_file(tmp_path / "good.json", good)) == good
+    for name, text in {"list.json": "[]", "torn.json": '{"runs": {', "noarms.json": '{"config_key": "k", "runs": {}}',
+                       "badrun.json": '{"config_key": "k", "arms": [], "runs": {"a|0": 3}}'}.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError, match="not a results file|not JSON"):
+            bench.read_results(path)
+        assert run_main(bench, monkeypatch, "--report", "--json", str(path)) == 2
+        assert f"--json {path}: " in capsys.readouterr().err and path.read_text() == text
+    assert run_main(bench, monkeypatch, "--report", "--json", str(tmp_path / "good.json"), "--merge",
+                    str(tmp_path / "list.json")) == 2
+    assert "--merge: " in capsys.readouterr().err
+
+
+def bench_file(path: Path, results: dict) -> Path:
+    import json
+
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_a_run_never_replaces_another_configurations_runs_nor_shares_its_file(bench, monkeypatch, tmp_path, capsys):
+    from functionalnetworkssft.outputs import FolderLock
+
+    full = bench_file(tmp_path / "full.json", {"config_key": "not-quick", "arms": ["kl10"],
+                                              "runs": {"kl10|0": {"evals": [1]}}})
+    before = full.read_text()
+    assert run_main(bench, monkeypatch, "--quick", "--json", str(full)) == 2
+    assert "holds 1 runs of another configuration" in capsys.readouterr().err and full.read_text() == before
+    with FolderLock(tmp_path / ".full.json.lock", "another forgetting.py", full):
+        code = run_main(bench, monkeypatch, "--report", "--json", str(full))
+    assert code != 0 and "is being written by another forgetting.py" in str(code)
+    assert full.read_text() == before and not (tmp_path / ".full.json.lock").exists()
